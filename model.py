@@ -1,0 +1,439 @@
+"""Mistral-7B, written out by hand: the one forward pass every stage of this project runs through.
+
+Read top to bottom: config -> RMSNorm -> rotary embeddings -> attention (grouped-query, sliding window,
+KV cache) -> SwiGLU MLP -> decoder block -> the model with residual-stream hooks -> tokenizers ->
+loading (a local directory, the Hugging Face Hub, or the embedded SmolLM2-135M).
+
+    python model.py --prompt "The capital of France is"                 # embedded model, CPU
+    python model.py --model mistralai/Mistral-7B-v0.1 --prompt "Hi"     # needs the Hub and a GPU
+
+Mistral-7B: https://arxiv.org/abs/2310.06825. Llama-family checkpoints (SmolLM2) are the same network
+without a sliding window and, optionally, with the output matrix tied to the embedding.
+
+Shapes: B batch, T new tokens, S keys (cached + new), D model dim, H query heads, K kv heads,
+Hd head dim, F MLP hidden dim, V vocab.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece
+import tokenizers
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+
+class BadInput(Exception):
+    """Something the user gave us is wrong (a path, a file, a flag). Scripts print it and exit 2."""
+
+
+def exit_on_bad_input(main):
+    """Run a script's main(); a BadInput becomes one sentence on stderr and exit status 2."""
+    try:
+        main()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int  # V
+    dim: int  # D
+    n_layers: int
+    n_heads: int  # H
+    n_kv_heads: int  # K
+    head_dim: int  # Hd
+    hidden_dim: int  # F
+    norm_eps: float
+    rope_theta: float
+    sliding_window: int | None  # a token sees at most this many keys, itself included; None = all
+    tie_embeddings: bool  # lm_head reuses the embedding matrix (SmolLM2), or has its own (Mistral)
+    max_seq_len: int  # positions the model was trained on; callers trim their context to it
+
+
+def config_from_hf(hf: dict) -> Config:
+    """A Hugging Face config.json (Mistral or Llama) -> Config. Rejects what this forward doesn't do."""
+    rope = hf.get("rope_parameters") or {}  # transformers 5 nests rope_theta here; Hub configs don't
+    unsupported = {k: hf[k] for k in ("rope_scaling", "attention_bias", "mlp_bias") if hf.get(k)}
+    if rope.get("rope_type", "default") != "default":
+        unsupported["rope_parameters"] = rope
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported["hidden_act"] = hf["hidden_act"]
+    if unsupported:
+        raise BadInput(f"config.json asks for {unsupported}, which this Mistral forward does not implement")
+    n_heads = hf["num_attention_heads"]
+    return Config(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        hidden_dim=hf["intermediate_size"],
+        norm_eps=hf["rms_norm_eps"],
+        rope_theta=float(hf["rope_theta"] if "rope_theta" in hf else rope["rope_theta"]),
+        sliding_window=hf.get("sliding_window"),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_seq_len=hf["max_position_embeddings"],
+    )
+
+
+class RMSNorm(nn.Module):
+    # x / rms(x) * weight (https://arxiv.org/abs/1910.07467). Statistics in fp32 even for bf16 models,
+    # then cast back before the weight, exactly as the checkpoints' reference does it.
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# Rotary position embeddings (https://arxiv.org/abs/2104.09864): rotate each query and key by an angle
+# proportional to its position, so q.k depends only on the distance between them. The paper (and
+# Mistral's own reference code) rotates adjacent pairs (x0, x1), (x2, x3), ...; Hugging Face
+# checkpoints instead pair dimension j with j + Hd/2 ("rotate half"). The conversion to HF format
+# permuted the rows of q_proj and k_proj so that both layouts compute the same attention, so by
+# rotating halves here we load Hub weights unchanged. (llama.cpp uses the paired layout, which is why
+# smollm2.py permutes the rows of its GGUF back.)
+def rope_cos_sin(positions, cfg: Config, dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, Hd), broadcasting over heads."""
+    inv_freq = 1.0 / cfg.rope_theta ** (
+        torch.arange(0, cfg.head_dim, 2, device=positions.device).float() / cfg.head_dim
+    )  # (Hd/2,)
+    angles = positions[..., None].float() * inv_freq  # (B, T, Hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, Hd): dims j and j + Hd/2 share an angle
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):  # x (B, heads, T, Hd)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(key_valid, start: int, window: int | None):
+    """Which keys each new query may see. key_valid (B, S): real tokens (not padding) among all keys,
+    the last T of which are the new tokens. Returns (B, 1, T, S) bool, True = attend."""
+    B, S = key_valid.shape
+    q = torch.arange(start, S, device=key_valid.device)[:, None]  # (T, 1) cache slot of each query
+    k = torch.arange(S, device=key_valid.device)[None, :]  # (1, S) cache slot of each key
+    seen = k <= q  # causal
+    if window is not None:
+        # transformers' MistralForCausalLM: a token sees at most `window` keys counting itself.
+        # (Mistral's original one-file reference masked with triu(diagonal=-window): one key more.)
+        # We match transformers because it is the reference the Hub checkpoints are tested against.
+        seen = seen & (q - k < window)
+    # A padding query that saw no key would softmax over nothing and give NaN, and that NaN would
+    # reach real tokens through 0 * NaN in the attention product. So padding queries see every
+    # earlier key; their outputs are never used.
+    query_is_pad = ~key_valid[:, start:, None]  # (B, T, 1)
+    return (seen & (key_valid[:, None, :] | query_is_pad))[:, None]  # (B, 1, T, S)
+
+
+class KVCache:
+    """Keys and values of every layer for max_len positions, allocated once by the caller and written by
+    index as tokens arrive, so decoding never reallocates. Pass it to every forward of one generation."""
+
+    def __init__(self, cfg: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real, not pad
+        self.length = 0  # slots filled so far
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # Separate q, k, v projections (no fused qkv) so LoRA can wrap each as a plain nn.Linear.
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write the new keys/values into the cache, then attend over all of it
+            k_cache, v_cache = kv  # (B, K, max_len, Hd) each
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, K, S, Hd)
+        # Grouped-query attention (https://arxiv.org/abs/2305.13245): Mistral-7B has 8 kv heads for 32
+        # query heads, so each kv head serves a group of 4 query heads and the cache is 4x smaller.
+        # enable_gqa lets SDPA broadcast the kv heads instead of copying them 4 times (repeat_kv).
+        # mask None means plain causal attention over exactly these T tokens (a training forward).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, Hd) -> (B, T, D)
+
+
+class MLP(nn.Module):
+    # SwiGLU (https://arxiv.org/abs/2002.05202): down(silu(gate(x)) * up(x)).
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, F) -> (B, T, D)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def run_hook(hooks, name, x):
+    """Call hooks[name] on the stream x (B, T, D) if there is one; it returns None or a replacement."""
+    fn = hooks.get(name)
+    out = fn(x) if fn is not None else None
+    return x if out is None else out
+
+
+class Block(nn.Module):
+    # Pre-norm residual block: the stream x is only ever added to, which is what makes reading
+    # (logit lens, attribution) and writing (steering) it between blocks meaningful.
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv, start, hooks, i):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, start)
+        if hooks:
+            x = run_hook(hooks, f"resid_mid.{i}", x)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Mistral(nn.Module):
+    # Module names follow Hugging Face's (embed_tokens, layers.i.self_attn.q_proj, ...), so a checkpoint
+    # loads with a strict load_state_dict once the "model." prefix is stripped.
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens, mask=None, cache: KVCache | None = None, hooks: dict | None = None):
+        """tokens (B, T) -> logits (B, T, V) for every position.
+
+        mask (B, T): 1 for real tokens, 0 for left padding. cache: a KVCache to extend (None = a plain,
+        trainable forward over the whole sequence). hooks: {site: fn}, sites "resid.{i}" entering block
+        i (i = n_layers: before the final norm) and "resid_mid.{i}" between its attention and MLP; fn
+        gets the stream (B, T, D) and returns None to observe or a tensor to replace it."""
+        B, T = tokens.shape
+        cfg = self.cfg
+        real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()  # (B, T)
+        if cache is None:
+            start, key_valid, kv = 0, real, [None] * cfg.n_layers
+        else:
+            start = cache.length
+            if start + T > cache.valid.shape[1]:
+                raise ValueError(f"KV cache holds {cache.valid.shape[1]} positions; {start + T} needed")
+            cache.valid[:, start : start + T] = real
+            key_valid = cache.valid[:, : start + T]  # (B, S)
+            kv = [(cache.k[i], cache.v[i]) for i in range(cfg.n_layers)]
+        # Positions count real tokens only, so a left-padded sequence gets the same positions (and
+        # logits) as unpadded. A padding token's position is never used.
+        positions = key_valid[:, :start].sum(-1, keepdim=True) + real.cumsum(-1) - 1  # (B, T)
+        cos, sin = rope_cos_sin(positions.clamp(min=0), cfg, self.embed_tokens.weight.dtype)
+        window = cfg.sliding_window
+        plain_causal = cache is None and mask is None and (window is None or T <= window)
+        attn_mask = None if plain_causal else attention_mask(key_valid, start, window)
+
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            if hooks:
+                x = run_hook(hooks, f"resid.{i}", x)
+            x = layer(x, cos, sin, attn_mask, kv[i], start, hooks, i)
+        if hooks:
+            x = run_hook(hooks, f"resid.{cfg.n_layers}", x)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length = start + T
+        return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+
+
+# Hook helpers: one-line call sites for reading and writing the residual stream.
+def capture(store: dict, *names):
+    """Hooks that save the stream at each named site: model(t, hooks=capture(acts, "resid.12"))."""
+
+    def saver(name):
+        def fn(x):
+            store[name] = x.detach()
+
+        return fn
+
+    return {name: saver(name) for name in names}
+
+
+def add(vector, alpha=1.0):
+    """A hook that adds alpha * vector (D,) at every position: activation steering."""
+    return lambda x: x + alpha * vector.to(x.dtype)
+
+
+def token_logprobs(logits, targets):
+    """log p(targets) under logits: (B, T, V), (B, T) -> (B, T), in fp32. Shared by SFT, eval, PPO."""
+    return torch.gather(logits.float().log_softmax(-1), -1, targets[..., None]).squeeze(-1)
+
+
+# Tokenizers: one small interface (encode, decode, bos_id, eos_id) over two libraries.
+#   encode(text, start=True): text that begins a document, with BOS where the model expects one.
+#   encode(text, start=False): text continuing a document, so pieces can be concatenated.
+class SentencePieceTokenizer:
+    # Mistral-7B's tokenizer.model. SentencePiece prepends a space to every text it encodes (its
+    # "dummy prefix"), which is right at the start of a document and wrong in the middle: naively
+    # encode("[A] hi") + encode("\n[B] yo") gets a stray "▁" token at the join that
+    # encode("[A] hi\n[B] yo") does not have. For a continuation we encode "\n" + text and drop the
+    # two tokens "▁", "\n": the newline is a byte token that never merges with its neighbours, so the
+    # text is cut exactly as it would be after a line break.
+    def __init__(self, path):
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+        self._newline = self.sp.encode("\n")
+        assert len(self._newline) == 2, "expected the newline to encode as '▁', '<0x0A>'"
+
+    def encode(self, text: str, start: bool = True) -> list[int]:
+        if start:
+            return [self.bos_id] + self.sp.encode(text)
+        return self.sp.encode("\n" + text)[len(self._newline) :]
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))
+
+
+class HFTokenizer:
+    # A Hugging Face tokenizer.json (SmolLM2: byte-level BPE with no dummy prefix, so pieces
+    # concatenate as they are). Whether a document starts with BOS is the file's post-processor's call.
+    def __init__(self, path, bos_id, eos_id):
+        self.tk = tokenizers.Tokenizer.from_file(str(path))
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.vocab_size = self.tk.get_vocab_size()
+
+    def encode(self, text: str, start: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=start).ids
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=True)  # like SentencePiece drops <s>
+
+
+def load_tokenizer(path):
+    path = Path(path)
+    if (path / "tokenizer.model").exists():
+        return SentencePieceTokenizer(path / "tokenizer.model")
+    if (path / "tokenizer.json").exists():
+        hf = json.loads((path / "config.json").read_text())
+        return HFTokenizer(path / "tokenizer.json", hf.get("bos_token_id"), hf.get("eos_token_id"))
+    raise BadInput(f"{path} has no tokenizer.model or tokenizer.json")
+
+
+def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Mistral:
+    """A directory with config.json and safetensors (one file, or shards named by
+    model.safetensors.index.json) -> Mistral with those weights, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise BadInput(f"{path} has no config.json; expected a Hugging Face model directory")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise BadInput(f"{path} has no .safetensors weights (pickled .bin checkpoints are not loaded)")
+
+    # Built on the meta device (shapes, no memory) and given the loaded tensors with assign=True, so a
+    # 7B model never sits in memory twice.
+    with torch.device("meta"):
+        model = Mistral(cfg)
+    state = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                state[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise BadInput(f"{path}: checkpoint does not match config.json: missing tensors {missing[:5]}, "
+                       f"unexpected tensors {unexpected[:5]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load_model(name_or_path="smollm2-135m", dtype=None, device=None):
+    """(model, tokenizer) from "smollm2-135m" (the embedded default), a local directory, or a Hub
+    repo id such as "mistralai/Mistral-7B-v0.1". Defaults: the GPU in bf16 if there is one, else fp32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name_or_path == "smollm2-135m":
+        import smollm2
+
+        path = smollm2.converted_dir()
+    elif Path(name_or_path).exists():
+        path = Path(name_or_path)
+    elif name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        path = download(name_or_path)
+    else:
+        raise BadInput(f"--model {name_or_path}: no such directory, and not a Hub repo id (owner/name)")
+    return load_checkpoint(path, dtype, device), load_tokenizer(path)
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a Hub repo's config, safetensors and tokenizer (never pickles, never duplicates)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "model*.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "tokenizer.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, gated (needs `hf auth login`), or no such repo
+        raise BadInput(f"could not download {repo_id} from the Hugging Face Hub: {e}") from e
+
+
+@torch.inference_mode()
+def greedy(model: Mistral, ids: list[int], max_new_tokens: int, stop_id=None) -> list[int]:
+    """The most likely continuation, token by token through the KV cache (sample.py samples)."""
+    w = model.embed_tokens.weight
+    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, w.device, w.dtype)
+    logits = model(torch.tensor([ids], device=w.device), cache=cache)
+    out = []
+    for _ in range(max_new_tokens):
+        next_id = logits[0, -1].argmax().item()
+        if next_id == stop_id:
+            break
+        out.append(next_id)
+        logits = model(torch.tensor([[next_id]], device=w.device), cache=cache)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or Hub id")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    args = p.parse_args()
+    model, tok = load_model(args.model)
+    ids = tok.encode(args.prompt)
+    # Decode prompt and continuation together: SentencePiece drops the space that starts a piece.
+    print(tok.decode(ids + greedy(model, ids, args.max_new_tokens, stop_id=tok.eos_id)))
+
+
+if __name__ == "__main__":
+    exit_on_bad_input(main)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny random Mistral saved by transformers (the oracle), and the embedded SmolLM2."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage files live at the top level
+
+# Small enough to run in milliseconds, large enough to exercise every path: grouped-query attention
+# (4 query heads share 2 kv heads), a sliding window shorter than the test sequences, and weights
+# big enough (std 0.2) that attention is peaked, so a wrong mask or rotation changes the logits.
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+            max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(**TINY)).eval()
+    with torch.no_grad():  # HF initialises norms to 1; random ones catch a norm that is skipped
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("tiny_mistral")
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_dir):
+    from transformers import MistralForCausalLM
+
+    return MistralForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from model import load_checkpoint
+
+    return load_checkpoint(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from model import load_model
+
+    return load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+
+
+def package_file(package, *parts) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.fail(f"{package} is not installed; see the README's test command")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
