@@ -24,6 +24,7 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 
 
@@ -230,13 +231,16 @@ class Mistral(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens, mask=None, cache: KVCache | None = None, hooks: dict | None = None):
+    def forward(self, tokens, mask=None, cache: KVCache | None = None, hooks: dict | None = None,
+                checkpoint=False):
         """tokens (B, T) -> logits (B, T, V) for every position.
 
         mask (B, T): 1 for real tokens, 0 for left padding. cache: a KVCache to extend (None = a plain,
         trainable forward over the whole sequence). hooks: {site: fn}, sites "resid.{i}" entering block
         i (i = n_layers: before the final norm) and "resid_mid.{i}" between its attention and MLP; fn
-        gets the stream (B, T, D) and returns None to observe or a tensor to replace it."""
+        gets the stream (B, T, D) and returns None to observe or a tensor to replace it.
+        checkpoint: recompute each block's activations in the backward pass instead of storing them
+        (less memory, ~1/3 more compute), for fine-tuning long sequences."""
         B, T = tokens.shape
         cfg = self.cfg
         real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()  # (B, T)
@@ -261,7 +265,11 @@ class Mistral(nn.Module):
         for i, layer in enumerate(self.layers):
             if hooks:
                 x = run_hook(hooks, f"resid.{i}", x)
-            x = layer(x, cos, sin, attn_mask, kv[i], start, hooks, i)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, kv[i], start, hooks, i,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, kv[i], start, hooks, i)
         if hooks:
             x = run_hook(hooks, f"resid.{cfg.n_layers}", x)
         x = self.norm(x)
@@ -408,18 +416,18 @@ def download(repo_id: str) -> Path:
 
 
 @torch.inference_mode()
-def greedy(model: Mistral, ids: list[int], max_new_tokens: int, stop_id=None) -> list[int]:
-    """The most likely continuation, token by token through the KV cache (sample.py samples)."""
+def greedy(model: Mistral, ids: list[int], max_new_tokens: int, stop=None) -> list[int]:
+    """The most likely continuation, token by token through the KV cache (sample.py samples). Ends
+    early once stop(new_ids) is true, keeping the token that stopped it."""
     w = model.embed_tokens.weight
     cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, w.device, w.dtype)
     logits = model(torch.tensor([ids], device=w.device), cache=cache)
     out = []
     for _ in range(max_new_tokens):
-        next_id = logits[0, -1].argmax().item()
-        if next_id == stop_id:
+        out.append(logits[0, -1].argmax().item())
+        if stop is not None and stop(out):
             break
-        out.append(next_id)
-        logits = model(torch.tensor([[next_id]], device=w.device), cache=cache)
+        logits = model(torch.tensor([out[-1:]], device=w.device), cache=cache)
     return out
 
 
@@ -432,7 +440,7 @@ def main():
     model, tok = load_model(args.model)
     ids = tok.encode(args.prompt)
     # Decode prompt and continuation together: SentencePiece drops the space that starts a piece.
-    print(tok.decode(ids + greedy(model, ids, args.max_new_tokens, stop_id=tok.eos_id)))
+    print(tok.decode(ids + greedy(model, ids, args.max_new_tokens, stop=lambda new: new[-1] == tok.eos_id)))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,33 @@ def package_file(package, *parts) -> Path:
     if spec is None:
         pytest.fail(f"{package} is not installed; see the README's test command")
     return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    """A tiny random Mistral that reads SmolLM2's tokenizer (vocab 49152), for fast end-to-end runs."""
+    import shutil
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from smollm2 import converted_dir
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(**{**TINY, "vocab_size": 49152, "initializer_range": 0.02}, bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny_chat")
+    MistralForCausalLM(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(converted_dir() / name, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_chat(tmp_path_factory):
+    """The first eight conversations of the shipped data: a few hundred real messages."""
+    from prep import read_export, write_jsonl
+
+    messages, _ = read_export(Path(__file__).resolve().parents[1] / "data" / "convos.jsonl")
+    first = list(dict.fromkeys(m.conversation for m in messages))[:8]
+    path = tmp_path_factory.mktemp("chat") / "small.jsonl"
+    write_jsonl([m for m in messages if m.conversation in first], path)
+    return path

@@ -237,3 +237,16 @@ def test_padding_does_not_shift_positions_in_prefill_or_decoding(tiny, monkeypat
     tiny(torch.tensor([[7], [8]]), cache=cache)
     assert seen[0][mask.bool()].tolist() == [0, 1, 2, 3, 0, 1]
     assert seen[1].tolist() == [[4], [2]]
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_dir):
+    model = load_checkpoint(tiny_dir)
+    tokens = random_tokens(2, 9, seed=16)
+    grads = []
+    for checkpoint in (False, True):
+        model.zero_grad()
+        loss = model(tokens, checkpoint=checkpoint).logsumexp(-1).mean()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

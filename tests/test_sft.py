@@ -1,0 +1,133 @@
+"""sft.py end to end on a tiny model: outputs, resume equality, 2-process DDP, divergence, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sft
+from model import BadInput
+from sft import Options, TrainingDiverged, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def quick(data, model, out, **kw):
+    """Options for a run of a few seconds."""
+    return Options(**{**dict(data=str(data), model=str(model), out=str(out), max_steps=6, batch_size=4,
+                             eval_every=3, save_every=3, lr=5e-3, warmup_steps=2, val_examples=8,
+                             samples=1, max_len=128), **kw})
+
+
+def adapter(out):
+    return load_file(Path(out) / "adapter" / "adapter_model.safetensors")
+
+
+def flags(opts: Options):
+    return [a for k, v in vars(opts).items() if v is not False
+            for a in (["--" + k.replace("_", "-")] + ([] if v is True else [str(v)]))]
+
+
+def test_a_run_writes_a_peft_adapter_metrics_and_a_loss_plot_and_beats_the_base(small_chat, tiny_chat_dir, tmp_path):
+    result = train(quick(small_chat, tiny_chat_dir, tmp_path, max_steps=12, eval_every=6, save_every=6))
+    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
+                 "loss.png", "checkpoint.pt"]:
+        assert (tmp_path / name).exists(), name
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    assert result["val_loss"] < result["base_val_loss"] == rows[0]["base_val_loss"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_chat_dir)
+
+
+def test_resume_after_ctrl_c_gives_a_bitwise_equal_adapter(small_chat, tiny_chat_dir, tmp_path):
+    # Dropout on, so the restored RNG state matters too.
+    whole = quick(small_chat, tiny_chat_dir, tmp_path / "whole", lora_dropout=0.1)
+    train(whole)
+    broken = quick(small_chat, tiny_chat_dir, tmp_path / "broken", lora_dropout=0.1)
+    proc = subprocess.Popen([sys.executable, "sft.py", *flags(broken)], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in proc.stdout:
+        if line.startswith("step 2/6"):
+            proc.send_signal(signal.SIGINT)  # as a user's Ctrl-C: finish the step, save, exit
+    assert proc.wait() == 130
+    stopped_at = torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["step"]
+    assert 2 <= stopped_at < 6
+    train(Options(**{**vars(broken), "resume": True}))
+    a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "broken")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda out: [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(tmp_path / "whole") == losses(tmp_path / "broken")
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_accumulation(small_chat, tiny_chat_dir, tmp_path):
+    one = quick(small_chat, tiny_chat_dir, tmp_path / "one", grad_accum=2, max_steps=4, eval_every=4, save_every=4)
+    train(one)
+    two = quick(small_chat, tiny_chat_dir, tmp_path / "two", grad_accum=1, max_steps=4, eval_every=4, save_every=4)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "sft.py", *flags(two)], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = lambda out: [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for r1, r2 in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
+        assert r1["step"] == r2["step"]
+        for key in ("loss", "val_loss", "base_val_loss"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1["step"], key)
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(b[k].abs().sum() > 0 for k in b if "lora_B" in k)  # it trained
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(small_chat, tiny_chat_dir,
+                                                                                 tmp_path, monkeypatch):
+    real_loss, calls = sft.loss_fn, []
+
+    def nan_on_the_third_step(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            calls.append(1)
+        return loss * float("nan") if len(calls) == 3 and torch.is_grad_enabled() else loss
+
+    monkeypatch.setattr(sft, "loss_fn", nan_on_the_third_step)
+    with pytest.raises(TrainingDiverged, match="the loss became nan at step 3; the last good checkpoint"):
+        train(quick(small_chat, tiny_chat_dir, tmp_path, save_every=1, eval_every=100))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert all(torch.isfinite(t).all() for t in adapter(tmp_path).values())
+
+
+def test_an_existing_run_is_not_overwritten_and_a_resume_must_match_it(small_chat, tiny_chat_dir, tmp_path):
+    opts = quick(small_chat, tiny_chat_dir, tmp_path, max_steps=1, eval_every=1)
+    train(opts)
+    with pytest.raises(BadInput, match="pass --resume"):
+        train(opts)
+    with pytest.raises(BadInput, match="--lora-r differ"):
+        train(Options(**{**vars(opts), "resume": True, "lora_r": 4}))
+
+
+def test_the_learning_rate_warms_up_then_decays_to_its_minimum():
+    o = Options(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=104)
+    assert [lr_at(s, o) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(54, o) == pytest.approx(0.55) and lr_at(104, o) == pytest.approx(0.1)
+
+
+def test_a_missing_data_file_is_one_line_and_exit_status_2(tmp_path):
+    run = subprocess.run([sys.executable, "sft.py", "--data", "no/such.jsonl", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip() == "error: no/such.jsonl does not exist"
+
+
+def test_help_lists_every_option_with_its_default():
+    run = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for name, value in vars(Options()).items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in run.stdout
+        if not isinstance(value, bool):
+            assert f"(default: {value}" in " ".join(run.stdout.split())
