@@ -32,6 +32,28 @@ class BadInput(Exception):
     """Something the user gave us is wrong (a path, a file, a flag). Scripts print it and exit 2."""
 
 
+def parse_options(cls, gpu_defaults=None, argv=None, doc=None):
+    """A script's options dataclass -> its command line: one flag per field, with the help and default
+    stated once, in the dataclass (`field: Annotated[type, "help"] = default`). gpu_defaults replace
+    the defaults the user didn't give when a GPU is present."""
+    import typing
+
+    p = argparse.ArgumentParser(description=doc or sys.modules[cls.__module__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu_defaults = gpu_defaults or {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        kind, help_ = hint.__origin__, hint.__metadata__[0]
+        default = cls.__dataclass_fields__[name].default
+        gpu = f"; on a GPU: {gpu_defaults[name]}" if name in gpu_defaults else ""
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"{help_} (default: {default}{gpu})")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return cls(**{**(gpu_defaults if torch.cuda.is_available() else {}), **given})
+
+
 def exit_on_bad_input(main):
     """Run a script's main(); a BadInput becomes one sentence on stderr and exit status 2."""
     try:

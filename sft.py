@@ -8,7 +8,6 @@
 Writes into --out: adapter/ (PEFT format: loads here and in Hugging Face PEFT), metrics.jsonl, loss.png,
 and checkpoint.pt (optimizer, RNG and step: resuming continues exactly where the run stopped).
 """
-import argparse
 import json
 import math
 import os
@@ -16,10 +15,9 @@ import random
 import signal
 import sys
 import time
-import typing
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lora
-from model import BadInput, exit_on_bad_input, greedy, load_model, token_logprobs
+from model import BadInput, exit_on_bad_input, greedy, load_model, parse_options, token_logprobs
 from prep import build_examples, load_pair
 
 
@@ -232,6 +230,8 @@ def train(opts: Options):
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
+        if cuda and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
         step, base_val = ckpt["step"], ckpt["base_val_loss"]
         if metrics_path.exists():  # forget steps logged after the checkpoint: they are redone
             rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
@@ -256,7 +256,9 @@ def train(opts: Options):
                 "step": step, "options": asdict(opts), "base_val_loss": base_val,
                 "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k},
                 "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                # Every process is seeded alike and draws alike, so the first one's RNG serves them all.
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state() if cuda else None},
                 "micro_batches_done": step * opts.grad_accum * world,  # the data position
             }, tmp))
             plot(rows, out / "loss.png")
@@ -305,7 +307,7 @@ def train(opts: Options):
                 (loss / opts.grad_accum).backward()
             loss_sum += loss.item()
             tokens_seen += sum(len(e.tokens) for e in batch)
-        stats = torch.tensor([loss_sum / opts.grad_accum, tokens_seen, float(bool(interrupted))])
+        stats = torch.tensor([loss_sum / opts.grad_accum, tokens_seen, float(bool(interrupted))], device=device)
         if ddp:  # DDP averaged the gradients; average the logged loss and agree on stopping too
             dist.all_reduce(stats)
             stats[0] /= world
@@ -352,25 +354,9 @@ def train(opts: Options):
     return {"base_val_loss": base_val, "val_loss": final, "seconds": elapsed}
 
 
-def parse_options(argv=None) -> Options:
-    """Options from the command line: one flag per field, its help and default from the dataclass."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(Options, include_extras=True)
-    for f in fields(Options):
-        kind, help_ = hints[f.name].__origin__, hints[f.name].__metadata__[0]
-        gpu = f"; on a GPU: {GPU_DEFAULTS[f.name]}" if f.name in GPU_DEFAULTS else ""
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help_)
-        else:
-            p.add_argument(flag, type=kind, default=None, help=f"{help_} (default: {f.default}{gpu})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return Options(**{**(GPU_DEFAULTS if torch.cuda.is_available() else {}), **given})
-
-
 def main():
     try:
-        train(parse_options())
+        train(parse_options(Options, GPU_DEFAULTS))
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

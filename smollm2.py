@@ -48,7 +48,10 @@ def converted_dir() -> Path:
     """The converted model directory, converting on first use."""
     out = cache_root() / "smollm2-135m-instruct"
     if not (out / "config.json").exists():
-        convert(gguf_file(), out)
+        gguf = gguf_file()
+        convert(gguf, out)
+        if gguf.is_relative_to(cache_root()):  # fetched by us, not installed: no longer needed
+            gguf.unlink()
     return out
 
 
