@@ -1,0 +1,517 @@
+"""Does fine-tuning simulate the two people better than prompting alone? Measured on the held-out sessions.
+
+    python eval.py                                        # out/adapter on data/convos.jsonl -> out/eval.json
+    python eval.py --speaker RIYA --long-context 2048     # simulate Riya; a smaller in-context window
+    OPENAI_API_KEY=... python eval.py --judge-model gpt-4o-mini   # also an AI judge (sends chats to the API)
+
+On the latest sessions, the ones sft.py validates on, every message of --speaker is scored four ways:
+the negative log-likelihood per token of what they really wrote (its text and the newline that ends
+the turn: exactly the tokens sft.py trains on) under
+
+    (a) the base model, short context: the up to --context-messages earlier messages of its session
+    (b) the base model, long context: as much of the two people's earlier history as fits in
+        --long-context tokens (the model's whole window by default): the purely in-context baseline
+    (c) the fine-tuned model (base + adapter), short context, as it was trained
+    (d) the fine-tuned model, long context.
+
+Plus: who talks next (base and fine-tuned, against always guessing "the same person again" or "the
+other person"), statistics of sampled replies (length, distinct-n, verbatim copies of training
+messages), and, with --judge-model, how often an AI judge mistakes a simulated reply for the real one.
+Prints a markdown table, writes --out (JSON: every number and the settings) and a length histogram.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import lora
+import sample
+import sft
+from model import BadInput, exit_on_bad_input, load_model, parse_options, token_logprobs
+from prep import encode_example, load_pair, one_line, sessions, tag
+
+
+@dataclass
+class Options:
+    data: Annotated[str, "chat history: canonical JSONL or any export prep.py reads"] = sft.Options.data
+    adapter: Annotated[str, "adapter directory from sft.py"] = "out/adapter"
+    speaker: Annotated[str, "whose messages are simulated and scored: a tag from the data, e.g. FRIEND"] = "FRIEND"
+    model: Annotated[str, "base model (default: the one the adapter was trained on)"] = ""
+    # The split and the short context must be the ones the adapter was trained with: sft.py's defaults.
+    context_messages: Annotated[int, "short context: at most this many earlier messages of the session"] = \
+        sft.Options.context_messages
+    session_gap_hours: Annotated[float, "a silence this long starts a new session"] = sft.Options.session_gap_hours
+    val_frac: Annotated[float, "fraction of sessions (the latest) held out"] = sft.Options.val_frac
+    long_context: Annotated[int, "long context: tokens of history per forward; 0 = the model's window"] = 0
+    batch_size: Annotated[int, "sequences per forward (short context) and per sampling batch"] = 16
+    samples: Annotated[int, "replies sampled from each model, prompts spread over the held-out messages"] = 64
+    seed: Annotated[int, "seed for sampling and the judge's reply order"] = 0
+    out: Annotated[str, "JSON results (the length histogram goes next to it)"] = "out/eval.json"
+    judge_model: Annotated[str, "an AI judge through an OpenAI-compatible API; empty = no judge"] = ""
+    judge_base_url: Annotated[str, "the judge's API"] = "https://api.openai.com/v1"
+    judge_key_env: Annotated[str, "environment variable that holds the judge's API key"] = "OPENAI_API_KEY"
+    judge_cache: Annotated[str, "the judge's answers, one JSON line each: a rerun pays for none twice"] = \
+        "out/judge_cache.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The held-out split: the same as prep.build_examples (and so sft.py's validation loss) uses.
+
+def split_sessions(messages, gap_hours, val_frac):
+    """(training sessions, held-out sessions): the latest max(1, round(val_frac * n)) are held out."""
+    split = sessions(messages, gap_hours)
+    n_val = max(1, round(val_frac * len(split)))
+    if len(split) - n_val < 1:
+        raise BadInput(f"only {len(split)} session(s): need at least two, one trained on and one held out "
+                       f"(sessions split at gaps of {gap_hours} hours; try a larger --session-gap-hours)")
+    return split[:-n_val], split[-n_val:]
+
+
+@dataclass
+class Scores:
+    """What one pass over the held-out sessions measured. Keys (s, i): message i of held-out session s."""
+    nll: dict = field(default_factory=dict)  # (s, i) -> (summed NLL in nats, tokens), the speaker's messages
+    next_tag: dict = field(default_factory=dict)  # (s, i) -> the tag predicted to write message i, i >= 1
+    window: dict = field(default_factory=dict)  # long context: (s, i) -> its forward's (first, chunk, end) lines
+
+
+def nats_per_token(scores: Scores) -> float:
+    return sum(n for n, _ in scores.nll.values()) / sum(t for _, t in scores.nll.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Short context: one sequence per held-out message, exactly as sft.py builds a training example.
+#
+# Who talks next, read from the same forwards. A tag is several tokens ("[", "F", "RI", "END", "]" and
+# "[", "RI", "Y", "A", "]" for SmolLM2) that begin alike; the model chooses between the two people at
+# the first token where their tags differ ("F" or "RI" after "["), and the rest of a name is all but
+# certain once begun. So the prediction is whichever of those two tokens has the larger logit at that
+# position, which every sequence below already contains: no extra forward. Summing each whole tag's
+# log-probs (sample.next_speaker) would need two more forwards per position and model; on 60 held-out
+# positions of the shipped data with SmolLM2 the two rules agreed 59 times (base) and 58 (fine-tuned).
+
+def branch(tag_ids: dict) -> int:
+    """The first token index at which the two tags' tokens differ."""
+    a, b = tag_ids.values()
+    return next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+@torch.inference_mode()
+def short_context(model, tok, held_out, tags, speaker_tag, context_messages, batch_size, desc="short context"):
+    """Score every held-out message of speaker_tag after the up to context_messages messages before it
+    in its session (as prep.encode_example tokenises a training example), and predict at every
+    position i >= 1 of every held-out session which of the two people writes message i."""
+    tag_ids = {t: tok.encode(t, start=False) for t in tags.values()}
+    b = branch(tag_ids)
+    rows = []  # (key, tokens, loss mask, the position whose logits choose the next tag, or None)
+    for s, session in enumerate(held_out):
+        for i, m in enumerate(session):
+            target = tags[m.speaker] == speaker_tag
+            if not target and i == 0:
+                continue  # nothing to score and nobody to predict before a session's first message
+            k = min(context_messages, i)
+            # The example's length cap is sft.py's (context is dropped from the oldest to fit), as in training.
+            tokens, mask, _, _ = encode_example(tok, session[i - k : i], m, tags, sft.Options.max_len)
+            n = mask.index(True) if True in mask else len(tokens)  # where the text after the tag begins
+            choose = None  # the position whose logits predict the branch token
+            if i >= 1:  # the tag follows a newline, so it is tokenised as tag_ids holds it
+                tag_start = n - len(tag_ids[tags[m.speaker]])
+                if tokens[tag_start:n] != tag_ids[tags[m.speaker]]:
+                    raise ValueError(f"the tokenizer splits {tags[m.speaker]!r} differently after a newline")
+                choose = tag_start + b - 1
+            if not target:  # only the next-speaker prediction is needed: stop after the tag
+                tokens, mask = tokens[:n], [False] * n
+            rows.append(((s, i), tokens, mask, choose))
+
+    candidates = torch.tensor([ids[b] for ids in tag_ids.values()])  # the two branch tokens
+    names = list(tag_ids)
+    device = model.embed_tokens.weight.device
+    scores = Scores()
+    rows.sort(key=lambda r: len(r[1]))  # similar lengths share a batch: little padding
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = rows[start : start + batch_size]
+        T = max(len(r[1]) for r in batch)
+        # Right padding needs no attention mask: causal attention never looks ahead (see sft.collate).
+        tokens = torch.zeros(len(batch), T, dtype=torch.long)
+        weights = torch.zeros(len(batch), T)
+        for j, (_, ids, mask, _) in enumerate(batch):
+            tokens[j, : len(ids)] = torch.tensor(ids)
+            weights[j, : len(ids)] = torch.tensor(mask, dtype=torch.float)
+        tokens, weights = tokens.to(device), weights.to(device)
+        logits = model(tokens)  # (B, T, V)
+        nll = -(token_logprobs(logits[:, :-1], tokens[:, 1:]) * weights[:, 1:]).sum(-1)  # (B,)
+        for j, (key, _, mask, choose) in enumerate(batch):
+            if any(mask):
+                scores.nll[key] = (nll[j].item(), sum(mask))
+            if choose is not None:
+                scores.next_tag[key] = names[int(logits[j, choose, candidates.to(device)].argmax())]
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Long context: the purely in-context baseline. Each forward holds a run of held-out messages (the
+# "chunk") after as many whole earlier messages (earlier sessions too, training ones included, in
+# time order) as fit in the budget; one forward scores every message of its chunk, each with
+# everything before it as context. A chunk takes at most half the budget, so every message sees at
+# least half the budget of history, and a message late in its chunk sees less old history than an
+# early one (its own chunk's messages take that room): within the same token budget. A session that
+# fits in half the budget is one chunk: one forward per session. (Held-out sessions can be long: the
+# shipped data has one of ~34k tokens, four times SmolLM2's window.)
+
+def line_tokens(tok, m, tags, start=False):
+    """A message's chat line "[TAG] text\\n" as (its tag's tokens, its text's and end-of-turn newline's
+    tokens), cut where prep.encode_example cuts: the second part is what sft.py puts loss on.
+    start=False: the line continues a document (tok.encode's contract: continuations concatenate)."""
+    head = tags[m.speaker]
+    ids, head_ids = tok.encode(f"{head} {one_line(m.text)}\n", start), tok.encode(head, start)
+    n = 0
+    while n < min(len(ids), len(head_ids)) and ids[n] == head_ids[n]:
+        n += 1
+    return ids[:n], ids[n:]
+
+
+@torch.inference_mode()
+def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget, desc="long context"):
+    """Score every message of speaker_tag in the last n_held_out sessions with up to budget tokens of
+    the history before it. Scores.window records which lines each forward held."""
+    stream = [m for session in all_sessions for m in session]  # the whole history, in time order
+    lines = [line_tokens(tok, m, tags) for m in tqdm(stream, desc="tokenizing", unit="message", leave=False)]
+    size = [len(h) + len(t) for h, t in lines]
+    first_held_out = len(stream) - sum(len(s) for s in all_sessions[-n_held_out:])
+
+    forwards = []  # (first, chunk start, end): lines first..end-1 in one forward, chunk start.. scored
+    begin = first_held_out
+    for session in all_sessions[-n_held_out:]:
+        end_of_session = begin + len(session)
+        c = begin
+        while c < end_of_session:
+            e, used = c + 1, size[c]
+            while e < end_of_session and used + size[e] <= budget // 2:
+                used, e = used + size[e], e + 1
+            first = c
+            while first > 0 and used + size[first - 1] <= budget:
+                first, used = first - 1, used + size[first - 1]
+            forwards.append((first, c, e))
+            c = e
+        begin = end_of_session
+
+    device = model.embed_tokens.weight.device
+    # stream[first_held_out:] are the held-out sessions' messages: their keys (s, i), in order
+    held = dict(enumerate([(s, i) for s, session in enumerate(all_sessions[-n_held_out:])
+                           for i in range(len(session))], start=first_held_out))
+    scores = Scores()
+    for first, c, e in tqdm(forwards, desc=desc, unit="forward"):
+        while True:
+            # The window's first line begins the document (with BOS where the model wants one), so the
+            # tokens equal tok.encode of the window's text; that can add a token or two: drop a line.
+            head, text = line_tokens(tok, stream[first], tags, start=True)
+            tokens, spans = head + text, {first: (len(head), len(head) + len(text))}
+            for g in range(first + 1, e):
+                h, t = lines[g]
+                spans[g] = (len(tokens) + len(h), len(tokens) + len(h) + len(t))
+                tokens += h + t
+            if len(tokens) <= budget or first == c:
+                break
+            first += 1
+        tokens = tokens[:budget]  # only a single message longer than the whole budget is cut
+        lo = max(1, spans[c][0])  # score from the chunk on; logits at t - 1 predict token t
+        ids = torch.tensor([tokens], device=device)
+        logits = model(ids)[:, lo - 1 : -1]  # (1, T - lo, V): only the chunk's predictions are needed
+        nll = -token_logprobs(logits, ids[:, lo:])[0]  # (T - lo,)
+        for g in range(c, e):
+            a, z = spans[g][0], min(spans[g][1], len(tokens))
+            if tags[stream[g].speaker] == speaker_tag and z > a:
+                scores.nll[held[g]] = (nll[a - lo : z - lo].sum().item(), z - a)
+            scores.window[held[g]] = (first, c, e)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Who talks next.
+
+def next_speaker_accuracy(scores: Scores, held_out, tags) -> dict:
+    """Accuracy of the predicted next tag at every position i >= 1, and the two rules that ignore the
+    text: the person who wrote message i-1 writes again, or the other one does."""
+    keys = sorted(scores.next_tag)
+    real = [tags[held_out[s][i].speaker] for s, i in keys]
+    again = [tags[held_out[s][i - 1].speaker] == r for (s, i), r in zip(keys, real)]
+    return {"positions": len(keys),
+            "accuracy": sum(scores.next_tag[k] == r for k, r in zip(keys, real)) / len(keys),
+            "same_person_again": sum(again) / len(keys),
+            "other_person": 1 - sum(again) / len(keys)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampled replies.
+
+def sample_prompts(tok, held_out, tags, speaker_tag, context_messages, n):
+    """n prompts (short context, as in training) evenly spread over the held-out messages of
+    speaker_tag: [(context lines, prompt text ending in the tag, the real reply)]."""
+    targets = [(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
+               if tags[m.speaker] == speaker_tag]
+    out = []
+    for j in range(min(n, len(targets))):
+        s, i = targets[j * len(targets) // min(n, len(targets))]
+        k = min(context_messages, i)
+        _, _, text, cut = encode_example(tok, held_out[s][i - k : i], held_out[s][i], tags, sft.Options.max_len)
+        out.append((text[:cut].splitlines()[:-1], text[:cut], one_line(held_out[s][i].text)))
+    return out
+
+
+def simulate(model, tok, prompts: list[str], seed: int, batch_size: int, desc="sampling") -> list[str]:
+    """One reply per prompt with sample.py's default sampling (as its reply mode: no n-gram blocking,
+    which is for --loop), in seeded batches."""
+    opts = replace(sample.Options(), no_repeat_ngram=0)
+    replies = []
+    for j in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        replies += sample.generate(model, tok, prompts[j : j + batch_size], replace(opts, seed=seed + j))
+    return replies
+
+
+def distinct(texts, n) -> float:
+    """Distinct-n (https://arxiv.org/abs/1510.03055): unique n-grams / all n-grams, within each reply."""
+    grams = [tuple(w[k : k + n]) for w in (t.split() for t in texts) for k in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def reply_stats(replies: list[str], training_texts: set) -> dict:
+    """Lengths in words, distinct-1/2, and the share of replies equal to a training message (compared
+    as one_line(text).lower(), the form training_texts holds)."""
+    words = [len(r.split()) for r in replies]
+    return {"n": len(replies), "words_mean": float(np.mean(words)), "words_median": float(np.median(words)),
+            "words_p90": float(np.percentile(words, 90)), "distinct_1": distinct(replies, 1),
+            "distinct_2": distinct(replies, 2),
+            "training_copies": sum(one_line(r).lower() in training_texts for r in replies) / len(replies)}
+
+
+def plot_lengths(replies: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = {name: [len(r.split()) for r in texts] for name, texts in replies.items()}
+    top = max(max(v, default=0) for v in lengths.values())
+    bins = np.arange(0, top + 2) - 0.5  # one bin per word count
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in lengths.items():
+        ax.hist(values, bins=bins, histtype="step", lw=1.5, label=f"{name} (mean {np.mean(values):.1f})")
+    ax.set(xlabel="reply length (words)", ylabel="replies", title="Held-out replies: real and sampled")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The AI judge: real or simulated? An error rate of 50% means it cannot tell them apart.
+
+JUDGE_PROMPT = """Below are the latest messages of a text chat between two people, then two candidates for \
+the next message, written by {speaker}. One is what {speaker} really wrote; the other was written by a language model \
+imitating them. Which one is real? Answer with one letter: A or B.
+
+Chat:
+{context}
+
+Reply A: {a}
+Reply B: {b}"""
+
+
+def judge(items, speaker_tag, model_name, base_url, key_env, cache_path, seed) -> dict:
+    """items: [(context lines, real reply, simulated reply)], replies of speaker_tag. Shows each to the judge with the two
+    replies in a seeded random order; answers are cached in cache_path by a hash of (model, URL,
+    prompt) and appended as they come, so an interrupted run pays for no judgement twice."""
+    from openai import OpenAI, OpenAIError
+
+    rng = random.Random(seed)
+    jobs = []  # (cache key, prompt, letter of the real reply)
+    for context, real, simulated in items:
+        real_first = rng.random() < 0.5
+        a, b = (real, simulated) if real_first else (simulated, real)
+        prompt = JUDGE_PROMPT.format(speaker=speaker_tag, context="\n".join(context) or "(the chat begins here)",
+                                     a=a, b=b)
+        key = hashlib.sha256(json.dumps([model_name, base_url, prompt]).encode()).hexdigest()
+        jobs.append((key, prompt, "A" if real_first else "B"))
+
+    cache_path = Path(cache_path)
+    cached = {}
+    if cache_path.exists():
+        for line in cache_path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                cached[row["key"]] = row["answer"]
+    to_send = [j for j in jobs if j[0] not in cached]
+    # Chat logs are personal data: say where they go before anything is sent.
+    print(f"judge: sending {len(to_send)} conversations ({len(jobs) - len(to_send)} answers cached) to "
+          f"{base_url} ({model_name})", file=sys.stderr)
+    if to_send:
+        api_key = os.environ.get(key_env)
+        if not api_key:
+            raise BadInput(f"--judge-key-env {key_env}: that environment variable is not set")
+        client = OpenAI(base_url=base_url, api_key=api_key, timeout=60, max_retries=2)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache_path, "a") as f:
+            for key, prompt, _ in tqdm(to_send, desc="judge", unit="chat"):
+                try:
+                    # Only the model and the message: reasoning models refuse temperature=0 and max_tokens.
+                    reply = client.chat.completions.create(model=model_name,
+                                                           messages=[{"role": "user", "content": prompt}])
+                    answer = reply.choices[0].message.content or ""
+                except OpenAIError as e:
+                    # One line, and never the key: servers may echo what they were sent.
+                    message = " ".join(str(e).split()).replace(api_key, "[key]")[:300]
+                    raise BadInput(f"the judge at {base_url} failed ({type(e).__name__}: {message}); "
+                                   f"{len(cached)} answers are kept in {cache_path}") from None
+                cached[key] = answer
+                f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+                f.flush()  # every paid answer is on disk before the next request
+
+    picks = [re.search(r"\b([AB])\b", cached[key]) for key, _, _ in jobs]
+    judged = [(p.group(1), real) for p, (_, _, real) in zip(picks, jobs) if p]
+    wrong = sum(pick != real for pick, real in judged)
+    return {"model": model_name, "base_url": base_url, "judgements": len(judged),
+            "unclear": len(jobs) - len(judged), "error_rate": wrong / len(judged) if judged else None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole evaluation.
+
+def load(opts: Options):
+    adapter = Path(opts.adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise BadInput(f"--adapter {adapter}: no adapter there (no adapter_config.json); train one with "
+                       "sft.py or pass --adapter DIR")
+    base = opts.model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model, tok = load_model(base)
+    lora.load_adapter(model, adapter)
+    return model.eval(), tok, base
+
+
+def evaluate(opts: Options) -> dict:
+    t0 = time.time()
+    messages, _ = load_pair(opts.data)
+    tags = {s: tag(s) for s in dict.fromkeys(m.speaker for m in messages)}
+    speaker_tag = tag(opts.speaker)
+    if speaker_tag not in tags.values():
+        raise BadInput(f"--speaker {opts.speaker}: no {speaker_tag} in {opts.data}; its tags are "
+                       f"{', '.join(tags.values())}")
+    train_sessions, held_out = split_sessions(messages, opts.session_gap_hours, opts.val_frac)
+    n_targets = sum(tags[m.speaker] == speaker_tag for s in held_out for m in s)
+    if not n_targets:
+        raise BadInput(f"the held-out sessions (the latest {len(held_out)}) of {opts.data} have no "
+                       f"{speaker_tag} message to score; try a larger --val-frac")
+    model, tok, base_name = load(opts)
+    budget = opts.long_context or model.cfg.max_seq_len
+    seconds = {}
+
+    def timed(name, fn):
+        t = time.time()
+        result = fn()
+        seconds[name] = round(time.time() - t, 1)
+        return result
+
+    # Samples and the judge first: a judge failure (exit 2) then costs no scoring time.
+    result = {"samples": None, "judge": None}
+    if opts.samples:
+        items = sample_prompts(tok, held_out, tags, speaker_tag, opts.context_messages, opts.samples)
+        prompts = [p for _, p, _ in items]
+        with lora.disabled(model):
+            base_replies = timed("sample base", lambda: simulate(model, tok, prompts, opts.seed, opts.batch_size,
+                                                                 "sampling (base)"))
+        tuned_replies = timed("sample fine-tuned", lambda: simulate(model, tok, prompts, opts.seed, opts.batch_size,
+                                                                    "sampling (fine-tuned)"))
+        replies = {"real": [r for _, _, r in items], "base": base_replies, "fine-tuned": tuned_replies}
+        training_texts = {one_line(m.text).lower() for s in train_sessions for m in s}
+        result["samples"] = {name: reply_stats(r, training_texts) for name, r in replies.items()}
+        plot_lengths(replies, Path(opts.out).with_name(Path(opts.out).stem + "_lengths.png"))
+        if opts.judge_model:
+            judged = [(context, real, sim) for (context, _, real), sim in zip(items, tuned_replies)]
+            result["judge"] = timed("judge", lambda: judge(judged, speaker_tag, opts.judge_model, opts.judge_base_url,
+                                                           opts.judge_key_env, opts.judge_cache, opts.seed))
+    elif opts.judge_model:
+        raise BadInput("--judge-model needs sampled replies: --samples must be above 0")
+
+    short = lambda desc: short_context(model, tok, held_out, tags, speaker_tag, opts.context_messages,
+                                       opts.batch_size, desc)
+    long = lambda desc: long_context(model, tok, train_sessions + held_out, len(held_out), tags, speaker_tag,
+                                     budget, desc)
+    with lora.disabled(model):  # the base model: the same weights with the adapter switched off
+        a = timed("(a)", lambda: short("(a) base, short context"))
+        b = timed("(b)", lambda: long("(b) base, long context"))
+    c = timed("(c)", lambda: short("(c) fine-tuned, short context"))
+    d = timed("(d)", lambda: long("(d) fine-tuned, long context"))
+
+    nll = {}
+    for key, model_name, context, scores in [("a", "base", "short", a), ("b", "base", "long", b),
+                                             ("c", "fine-tuned", "short", c), ("d", "fine-tuned", "long", d)]:
+        x = nats_per_token(scores)
+        nll[key] = {"model": model_name, "context": context, "messages": len(scores.nll),
+                    "tokens": sum(t for _, t in scores.nll.values()), "nll": x, "perplexity": float(np.exp(x))}
+    result = {
+        "settings": {**asdict(opts), "model": base_name, "speaker": speaker_tag, "long_context": budget,
+                     "held_out_sessions": len(held_out), "messages": n_targets,
+                     "sampling": asdict(replace(sample.Options(), no_repeat_ngram=0))},
+        "nll": nll,
+        "next_speaker": {"base": next_speaker_accuracy(a, held_out, tags),
+                         "fine-tuned": next_speaker_accuracy(c, held_out, tags)},
+        **result,
+        "seconds": {**seconds, "total": round(time.time() - t0, 1)},
+    }
+    return result
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    out = [f"Held out: the latest {s['held_out_sessions']} sessions of {s['data']}; scoring {s['messages']} "
+           f"{s['speaker']} messages. Model {s['model']}, adapter {s['adapter']}.", "",
+           "| model | context | messages | tokens | NLL (nats/token) | perplexity |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for key, row in r["nll"].items():
+        context = (f"{s['context_messages']} messages of its session" if row["context"] == "short"
+                   else f"{s['long_context']} tokens of history")
+        out.append(f"| ({key}) {row['model']} | {context} | {row['messages']} | {row['tokens']} | "
+                   f"{row['nll']:.4f} | {row['perplexity']:.2f} |")
+    ns = r["next_speaker"]
+    out += ["", f"| who talks next ({ns['base']['positions']} positions, short context) | accuracy |",
+            "| --- | ---: |",
+            f"| base | {ns['base']['accuracy']:.3f} |", f"| fine-tuned | {ns['fine-tuned']['accuracy']:.3f} |",
+            f"| always the same person again | {ns['base']['same_person_again']:.3f} |",
+            f"| always the other person | {ns['base']['other_person']:.3f} |"]
+    if r["samples"]:
+        out += ["", f"| replies ({r['samples']['real']['n']} prompts) | words: mean | median | 90th pct | "
+                    "distinct-1 | distinct-2 | copies of a training message |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, x in r["samples"].items():
+            out.append(f"| {name} | {x['words_mean']:.1f} | {x['words_median']:.0f} | {x['words_p90']:.0f} | "
+                       f"{x['distinct_1']:.3f} | {x['distinct_2']:.3f} | {x['training_copies']:.1%} |")
+    if r["judge"]:
+        j = r["judge"]
+        rate = "n/a" if j["error_rate"] is None else f"{j['error_rate']:.1%}"
+        out += ["", "| AI judge: real or fine-tuned? | judgements | unclear answers | error rate (50% = can't tell) |",
+                "| --- | ---: | ---: | ---: |", f"| {j['model']} | {j['judgements']} | {j['unclear']} | {rate} |"]
+    return "\n".join(out)
+
+
+def main():
+    opts = parse_options(Options)
+    result = evaluate(opts)
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    print(f"\nwrote {out}; wall time {result['seconds']['total'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    exit_on_bad_input(main)
