@@ -387,17 +387,6 @@ def judge(items, speaker_tag, model_name, base_url, key_env, cache_path, seed) -
 # ---------------------------------------------------------------------------------------------------
 # The whole evaluation.
 
-def load(opts: Options):
-    adapter = Path(opts.adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise BadInput(f"--adapter {adapter}: no adapter there (no adapter_config.json); train one with "
-                       "sft.py or pass --adapter DIR")
-    base = opts.model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tok = load_model(base)
-    lora.load_adapter(model, adapter)
-    return model.eval(), tok, base
-
-
 def evaluate(opts: Options) -> dict:
     t0 = time.time()
     messages, _ = load_pair(opts.data)
@@ -411,7 +400,7 @@ def evaluate(opts: Options) -> dict:
     if not n_targets:
         raise BadInput(f"the held-out sessions (the latest {len(held_out)}) of {opts.data} have no "
                        f"{speaker_tag} message to score; try a larger --val-frac")
-    model, tok, base_name = load(opts)
+    model, tok, base_name = sample.load_adapted(opts.adapter, opts.model)
     budget = opts.long_context or model.cfg.max_seq_len
     seconds = {}
 

@@ -144,18 +144,24 @@ def parse_prompt(prompt: str) -> list[str]:
     return lines
 
 
-def load(opts: Options):
-    """The model (with the adapter unless --base) and its tokenizer."""
-    adapter = Path(opts.adapter)
-    if opts.base:
-        return load_model(opts.model or "smollm2-135m")
+def load_adapted(adapter, model=""):
+    """(model with the adapter, tokenizer, base model name). The base is the one adapter_config.json
+    names, unless model overrides it."""
+    adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists():
         raise BadInput(f"--adapter {adapter}: no adapter there; train one with sft.py, pass --adapter DIR, "
                        "or use --base for the model without one")
-    base = opts.model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model, tok = load_model(base)
-    lora.load_adapter(model, adapter)
-    return model.eval(), tok
+    base = model or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    net, tok = load_model(base)
+    lora.load_adapter(net, adapter)
+    return net.eval(), tok, base  # eval(): the new adapter modules too (no dropout)
+
+
+def load(opts: Options):
+    """The model (with the adapter unless --base) and its tokenizer."""
+    if opts.base:
+        return load_model(opts.model or "smollm2-135m")
+    return load_adapted(opts.adapter, opts.model)[:2]
 
 
 def loop(model, tok, lines, opts: Options, tags: list[str]):

@@ -88,3 +88,20 @@ def small_chat(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat") / "small.jsonl"
     write_jsonl([m for m in messages if m.conversation in first], path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_chat_dir, tmp_path_factory):
+    """A random (non-zero) adapter on the tiny chat model, saved as sft.py saves one."""
+    import lora
+    from model import load_checkpoint
+
+    model = load_checkpoint(tiny_chat_dir)
+    torch.manual_seed(1)
+    lora.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("adapter")
+    lora.save_adapter(model, path, base_model=str(tiny_chat_dir))
+    return path

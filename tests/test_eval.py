@@ -24,20 +24,6 @@ KEY = "sk-test-0123456789-never-print-me"
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tiny_chat_dir, tmp_path_factory):
-    """A random (non-zero) adapter on the tiny chat model, saved as sft.py saves one."""
-    model = load_checkpoint(tiny_chat_dir)
-    torch.manual_seed(1)
-    lora.add_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for p in lora.lora_parameters(model):
-            p.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("adapter")
-    lora.save_adapter(model, path, base_model=str(tiny_chat_dir))
-    return path
-
-
-@pytest.fixture(scope="module")
 def zero_adapter(tiny_chat_dir, tmp_path_factory):
     """A freshly initialised adapter: B = 0, so it adds exactly nothing."""
     model = load_checkpoint(tiny_chat_dir)

@@ -15,20 +15,6 @@ from sample import Options, banned_ngrams, generate, penalize, sampling_logprobs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_chat_dir, tmp_path_factory):
-    """A random (non-zero) adapter on the tiny chat model, saved as sft.py saves one."""
-    model = load_checkpoint(tiny_chat_dir)
-    torch.manual_seed(1)
-    lora.add_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for p in lora.lora_parameters(model):
-            p.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("adapter")
-    lora.save_adapter(model, path, base_model=str(tiny_chat_dir))
-    return path
-
-
 @pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1),
                                 dict(temperature=1.3, top_k=20, top_p=0.9)])
 def test_the_sampling_distribution_equals_transformers_warpers(kw):
