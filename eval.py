@@ -37,7 +37,7 @@ from tqdm import tqdm
 import lora
 import sample
 import sft
-from model import BadInput, exit_on_bad_input, load_model, parse_options, token_logprobs
+from model import BadInput, exit_on_bad_input, parse_options, token_logprobs
 from prep import encode_example, load_pair, one_line, sessions, tag
 
 
