@@ -4,7 +4,8 @@
     python eval.py --speaker RIYA --long-context 2048     # simulate Riya; a smaller in-context window
     OPENAI_API_KEY=... python eval.py --judge-model gpt-4o-mini   # also an AI judge (sends chats to the API)
 
-On the latest sessions, the ones sft.py validates on, every message of --speaker is scored four ways:
+On the latest sessions, the ones sft.py validates on, every message of --speaker (on a CPU, by default,
+only the latest 200 of them: --max-messages 0 for all) is scored four ways:
 the negative log-likelihood per token of what they really wrote (its text and the newline that ends
 the turn: exactly the tokens sft.py trains on) under
 
@@ -53,6 +54,8 @@ class Options:
     session_gap_hours: Annotated[float, "a silence this long starts a new session"] = sft.Options.session_gap_hours
     val_frac: Annotated[float, "fraction of sessions (the latest) held out"] = sft.Options.val_frac
     long_context: Annotated[int, "long context: tokens of history per forward; 0 = the model's window"] = 0
+    max_messages: Annotated[int, "score the speaker's latest N held-out messages (and the messages between "
+                                 "them); 0 = all"] = 200
     batch_size: Annotated[int, "sequences per forward (short context) and per sampling batch"] = 16
     samples: Annotated[int, "replies sampled from each model, prompts spread over the held-out messages"] = 64
     seed: Annotated[int, "seed for sampling and the judge's reply order"] = 0
@@ -62,6 +65,12 @@ class Options:
     judge_key_env: Annotated[str, "environment variable that holds the judge's API key"] = "OPENAI_API_KEY"
     judge_cache: Annotated[str, "the judge's answers, one JSON line each: a rerun pays for none twice"] = \
         "out/judge_cache.jsonl"
+
+
+# Scoring all 1,687 held-out FRIEND messages of the shipped data takes about 50 minutes on 2 CPU cores
+# (each is scored after 8 messages of context, as trained: ~480k tokens per model for (a) and (c) alone),
+# so a CPU scores the latest 200 (~10 minutes); a GPU scores them all.
+GPU_DEFAULTS = dict(max_messages=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,6 +92,15 @@ class Scores:
     nll: dict = field(default_factory=dict)  # (s, i) -> (summed NLL in nats, tokens), the speaker's messages
     next_tag: dict = field(default_factory=dict)  # (s, i) -> the tag predicted to write message i, i >= 1
     window: dict = field(default_factory=dict)  # long context: (s, i) -> its forward's (first, chunk, end) lines
+
+
+def first_scored(held_out, tags, speaker_tag, max_messages) -> tuple:
+    """The key (s, i) from which on held-out messages are scored: the speaker's latest max_messages
+    messages (0 = all) are the speaker's messages from there on. A contiguous stretch, not a spread,
+    because the long context scores a stretch of consecutive messages per forward."""
+    targets = [(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
+               if tags[m.speaker] == speaker_tag]
+    return targets[-max_messages] if 0 < max_messages < len(targets) else (0, 0)
 
 
 def nats_per_token(scores: Scores) -> float:
@@ -107,18 +125,19 @@ def branch(tag_ids: dict) -> int:
 
 
 @torch.inference_mode()
-def short_context(model, tok, held_out, tags, speaker_tag, context_messages, batch_size, desc="short context"):
-    """Score every held-out message of speaker_tag after the up to context_messages messages before it
-    in its session (as prep.encode_example tokenises a training example), and predict at every
-    position i >= 1 of every held-out session which of the two people writes message i."""
+def short_context(model, tok, held_out, tags, speaker_tag, context_messages, batch_size, start=(0, 0),
+                  desc="short context"):
+    """Score every held-out message of speaker_tag from key start on, after the up to context_messages
+    messages before it in its session (as prep.encode_example tokenises a training example), and
+    predict at every position i >= 1 from start on which of the two people writes message i."""
     tag_ids = {t: tok.encode(t, start=False) for t in tags.values()}
     b = branch(tag_ids)
     rows = []  # (key, tokens, loss mask, the position whose logits choose the next tag, or None)
     for s, session in enumerate(held_out):
         for i, m in enumerate(session):
             target = tags[m.speaker] == speaker_tag
-            if not target and i == 0:
-                continue  # nothing to score and nobody to predict before a session's first message
+            if (s, i) < start or (not target and i == 0):
+                continue  # not scored, or nothing to score and nobody to predict before a session's first message
             k = min(context_messages, i)
             # The example's length cap is sft.py's (context is dropped from the oldest to fit), as in training.
             tokens, mask, _, _ = encode_example(tok, session[i - k : i], m, tags, sft.Options.max_len)
@@ -148,13 +167,16 @@ def short_context(model, tok, held_out, tags, speaker_tag, context_messages, bat
             tokens[j, : len(ids)] = torch.tensor(ids)
             weights[j, : len(ids)] = torch.tensor(mask, dtype=torch.float)
         tokens, weights = tokens.to(device), weights.to(device)
-        logits = model(tokens)  # (B, T, V)
-        nll = -(token_logprobs(logits[:, :-1], tokens[:, 1:]) * weights[:, 1:]).sum(-1)  # (B,)
+        h = model(tokens, unembed=False)  # (B, T, D)
+        scored = weights[:, 1:] > 0  # (B, T-1): the stream at t predicts token t + 1
+        row = scored.nonzero()[:, 0]  # (N,): the sequence each scored token belongs to
+        nll_tok = -token_logprobs(model.unembed(h[:, :-1][scored]), tokens[:, 1:][scored])  # (N,)
+        nll = torch.zeros(len(batch), device=device).index_add_(0, row, nll_tok)  # (B,)
         for j, (key, _, mask, choose) in enumerate(batch):
             if any(mask):
                 scores.nll[key] = (nll[j].item(), sum(mask))
             if choose is not None:
-                scores.next_tag[key] = names[int(logits[j, choose, candidates.to(device)].argmax())]
+                scores.next_tag[key] = names[int(model.unembed(h[j, choose])[candidates.to(device)].argmax())]
     return scores
 
 
@@ -181,9 +203,10 @@ def line_tokens(tok, m, tags, start=False):
 
 
 @torch.inference_mode()
-def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget, desc="long context"):
-    """Score every message of speaker_tag in the last n_held_out sessions with up to budget tokens of
-    the history before it. Scores.window records which lines each forward held."""
+def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget, start=(0, 0),
+                 desc="long context"):
+    """Score every message of speaker_tag in the last n_held_out sessions, from key start on, with up
+    to budget tokens of the history before it. Scores.window records which lines each forward held."""
     stream = [m for session in all_sessions for m in session]  # the whole history, in time order
     lines = [line_tokens(tok, m, tags) for m in tqdm(stream, desc="tokenizing", unit="message", leave=False)]
     size = [len(h) + len(t) for h, t in lines]
@@ -191,9 +214,9 @@ def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget
 
     forwards = []  # (first, chunk start, end): lines first..end-1 in one forward, chunk start.. scored
     begin = first_held_out
-    for session in all_sessions[-n_held_out:]:
+    for s, session in enumerate(all_sessions[-n_held_out:]):
         end_of_session = begin + len(session)
-        c = begin
+        c = end_of_session if s < start[0] else begin + start[1] if s == start[0] else begin
         while c < end_of_session:
             e, used = c + 1, size[c]
             while e < end_of_session and used + size[e] <= budget // 2:
@@ -226,8 +249,8 @@ def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget
         tokens = tokens[:budget]  # only a single message longer than the whole budget is cut
         lo = max(1, spans[c][0])  # score from the chunk on; logits at t - 1 predict token t
         ids = torch.tensor([tokens], device=device)
-        logits = model(ids)[:, lo - 1 : -1]  # (1, T - lo, V): only the chunk's predictions are needed
-        nll = -token_logprobs(logits, ids[:, lo:])[0]  # (T - lo,)
+        h = model(ids, unembed=False)[:, lo - 1 : -1]  # (1, T - lo, D): only the chunk's predictions are needed
+        nll = -token_logprobs(model.unembed(h), ids[:, lo:])[0]  # (T - lo,)
         for g in range(c, e):
             a, z = spans[g][0], min(spans[g][1], len(tokens))
             if tags[stream[g].speaker] == speaker_tag and z > a:
@@ -254,11 +277,11 @@ def next_speaker_accuracy(scores: Scores, held_out, tags) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Sampled replies.
 
-def sample_prompts(tok, held_out, tags, speaker_tag, context_messages, n):
+def sample_prompts(tok, held_out, tags, speaker_tag, context_messages, n, start=(0, 0)):
     """n prompts (short context, as in training) evenly spread over the held-out messages of
-    speaker_tag: [(context lines, prompt text ending in the tag, the real reply)]."""
+    speaker_tag from key start on: [(context lines, prompt text ending in the tag, the real reply)]."""
     targets = [(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
-               if tags[m.speaker] == speaker_tag]
+               if tags[m.speaker] == speaker_tag and (s, i) >= start]
     out = []
     for j in range(min(n, len(targets))):
         s, i = targets[j * len(targets) // min(n, len(targets))]
@@ -400,6 +423,7 @@ def evaluate(opts: Options) -> dict:
     if not n_targets:
         raise BadInput(f"the held-out sessions (the latest {len(held_out)}) of {opts.data} have no "
                        f"{speaker_tag} message to score; try a larger --val-frac")
+    start = first_scored(held_out, tags, speaker_tag, opts.max_messages)
     model, tok, base_name = sample.load_adapted(opts.adapter, opts.model)
     budget = opts.long_context or model.cfg.max_seq_len
     seconds = {}
@@ -413,7 +437,7 @@ def evaluate(opts: Options) -> dict:
     # Samples and the judge first: a judge failure (exit 2) then costs no scoring time.
     result = {"samples": None, "judge": None}
     if opts.samples:
-        items = sample_prompts(tok, held_out, tags, speaker_tag, opts.context_messages, opts.samples)
+        items = sample_prompts(tok, held_out, tags, speaker_tag, opts.context_messages, opts.samples, start)
         prompts = [p for _, p, _ in items]
         with lora.disabled(model):
             base_replies = timed("sample base", lambda: simulate(model, tok, prompts, opts.seed, opts.batch_size,
@@ -432,9 +456,9 @@ def evaluate(opts: Options) -> dict:
         raise BadInput("--judge-model needs sampled replies: --samples must be above 0")
 
     short = lambda desc: short_context(model, tok, held_out, tags, speaker_tag, opts.context_messages,
-                                       opts.batch_size, desc)
+                                       opts.batch_size, start, desc)
     long = lambda desc: long_context(model, tok, train_sessions + held_out, len(held_out), tags, speaker_tag,
-                                     budget, desc)
+                                     budget, start, desc)
     with lora.disabled(model):  # the base model: the same weights with the adapter switched off
         a = timed("(a)", lambda: short("(a) base, short context"))
         b = timed("(b)", lambda: long("(b) base, long context"))
@@ -449,7 +473,8 @@ def evaluate(opts: Options) -> dict:
                     "tokens": sum(t for _, t in scores.nll.values()), "nll": x, "perplexity": float(np.exp(x))}
     result = {
         "settings": {**asdict(opts), "model": base_name, "speaker": speaker_tag, "long_context": budget,
-                     "held_out_sessions": len(held_out), "messages": n_targets,
+                     "held_out_sessions": len(held_out), "held_out_messages": n_targets,
+                     "messages": len(a.nll), "first_scored": list(start),
                      "sampling": asdict(replace(sample.Options(), no_repeat_ngram=0))},
         "nll": nll,
         "next_speaker": {"base": next_speaker_accuracy(a, held_out, tags),
@@ -462,8 +487,10 @@ def evaluate(opts: Options) -> dict:
 
 def markdown(r: dict) -> str:
     s = r["settings"]
-    out = [f"Held out: the latest {s['held_out_sessions']} sessions of {s['data']}; scoring {s['messages']} "
-           f"{s['speaker']} messages. Model {s['model']}, adapter {s['adapter']}.", "",
+    which = ("all" if s["messages"] == s["held_out_messages"]
+             else f"the latest {s['messages']} of the {s['held_out_messages']}")
+    out = [f"Held out: the latest {s['held_out_sessions']} sessions of {s['data']}; scoring {which} "
+           f"{s['speaker']} messages in them. Model {s['model']}, adapter {s['adapter']}.", "",
            "| model | context | messages | tokens | NLL (nats/token) | perplexity |",
            "| --- | --- | ---: | ---: | ---: | ---: |"]
     for key, row in r["nll"].items():
@@ -493,7 +520,7 @@ def markdown(r: dict) -> str:
 
 
 def main():
-    opts = parse_options(Options)
+    opts = parse_options(Options, GPU_DEFAULTS)
     result = evaluate(opts)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)

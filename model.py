@@ -254,8 +254,9 @@ class Mistral(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, tokens, mask=None, cache: KVCache | None = None, hooks: dict | None = None,
-                checkpoint=False):
-        """tokens (B, T) -> logits (B, T, V) for every position.
+                checkpoint=False, unembed=True):
+        """tokens (B, T) -> logits (B, T, V) for every position; unembed=False: the final normed stream
+        (B, T, D) instead, for the caller to unembed only the positions it needs.
 
         mask (B, T): 1 for real tokens, 0 for left padding. cache: a KVCache to extend (None = a plain,
         trainable forward over the whole sequence). hooks: {site: fn}, sites "resid.{i}" entering block
@@ -297,7 +298,13 @@ class Mistral(nn.Module):
         x = self.norm(x)
         if cache is not None:
             cache.length = start + T
-        return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)  # (B, T, V)
+        return self.unembed(x) if unembed else x
+
+    def unembed(self, x):
+        """The final normed stream (..., D) -> logits (..., V). For a small model with a large vocabulary
+        this is much of the work (a fifth of SmolLM2's forward) and the largest tensor, so callers that
+        need few positions (the last one when sampling, the scored ones in eval) unembed only those."""
+        return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
 
 
 # Hook helpers: one-line call sites for reading and writing the residual stream.
@@ -443,7 +450,7 @@ def greedy(model: Mistral, ids: list[int], max_new_tokens: int, stop=None) -> li
     early once stop(new_ids) is true, keeping the token that stopped it."""
     w = model.embed_tokens.weight
     cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, w.device, w.dtype)
-    logits = model(torch.tensor([ids], device=w.device), cache=cache)
+    logits = model.unembed(model(torch.tensor([ids], device=w.device), cache=cache, unembed=False)[:, -1:])
     out = []
     for _ in range(max_new_tokens):
         out.append(logits[0, -1].argmax().item())

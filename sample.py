@@ -101,7 +101,8 @@ def generate(model, tok, prompts: list[str], opts: Options, hooks=None) -> list[
         seen[b, row] = True
     generator = torch.Generator(device).manual_seed(opts.seed)
     cache = KVCache(model.cfg, B, T + opts.max_new_tokens, device, model.embed_tokens.weight.dtype)
-    logits = model(tokens.to(device), mask=mask.to(device), cache=cache, hooks=hooks)[:, -1]  # (B, V)
+    last = model(tokens.to(device), mask=mask.to(device), cache=cache, hooks=hooks, unembed=False)[:, -1]
+    logits = model.unembed(last)  # (B, V): only the last position's logits are needed
     out, done = [[] for _ in range(B)], [False] * B
     for _ in range(opts.max_new_tokens):
         logits = penalize(logits.float(), seen, opts.repetition_penalty)

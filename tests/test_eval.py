@@ -61,12 +61,18 @@ def test_the_held_out_sessions_are_the_latest_like_sft(chat, small_chat, tiny_ch
     assert len(val) == sum(map(len, held_out)) and train[-1][-1].time <= held_out[0][0].time
 
 
-def test_short_context_nll_equals_the_training_example_scored_alone(chat):
+@pytest.mark.parametrize("latest", [0, 7])  # all the speaker's held-out messages; only the latest 7
+def test_short_context_nll_equals_the_training_example_scored_alone(chat, latest):
     model, tok, tags, _, held_out = chat
-    scores = ev.short_context(model, tok, held_out, tags, FRIEND, 8, batch_size=5)
+    start = ev.first_scored(held_out, tags, FRIEND, latest)
+    scores = ev.short_context(model, tok, held_out, tags, FRIEND, 8, batch_size=5, start=start)
     expected_keys = {(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
                      if tags[m.speaker] == FRIEND}
-    assert set(scores.nll) == expected_keys and len(expected_keys) > 20
+    if latest:
+        expected_keys = set(sorted(expected_keys)[-latest:])
+    assert set(scores.nll) == expected_keys and len(expected_keys) == (latest or len(expected_keys)) > 5
+    positions = {(s, i) for s, session in enumerate(held_out) for i in range(1, len(session)) if (s, i) >= start}
+    assert set(scores.next_tag) == positions
     for s, i in sorted(expected_keys):
         k = min(8, i)
         tokens, mask, _, _ = encode_example(tok, held_out[s][i - k : i], held_out[s][i], tags, 512)
@@ -79,16 +85,20 @@ def line(m, tags):
     return f"{tags[m.speaker]} {one_line(m.text)}\n"
 
 
-@pytest.mark.parametrize("budget", [200, 10_000])  # history cut from the left; the whole history fits
-def test_long_context_nll_equals_the_window_text_scored_alone(chat, budget):
+# History cut from the left; the whole history fits; only the speaker's latest 9 messages are scored.
+@pytest.mark.parametrize("budget, latest", [(200, 0), (10_000, 0), (200, 9)])
+def test_long_context_nll_equals_the_window_text_scored_alone(chat, budget, latest):
     model, tok, tags, train, held_out = chat
     all_sessions = train + held_out
     stream = [m for s in all_sessions for m in s]
     first_held = len(stream) - sum(map(len, held_out))
-    scores = ev.long_context(model, tok, all_sessions, len(held_out), tags, FRIEND, budget)
+    start = ev.first_scored(held_out, tags, FRIEND, latest)
+    scores = ev.long_context(model, tok, all_sessions, len(held_out), tags, FRIEND, budget, start)
     keys = [(s, i) for s, session in enumerate(held_out) for i in range(len(session))]
-    assert set(scores.window) == set(keys)
-    assert set(scores.nll) == {k for k in keys if tags[held_out[k[0]][k[1]].speaker] == FRIEND}
+    assert set(scores.window) == {k for k in keys if k >= start}
+    if latest:
+        assert len(scores.nll) == latest and start > (0, 0)
+    assert set(scores.nll) == {k for k in keys if tags[held_out[k[0]][k[1]].speaker] == FRIEND and k >= start}
     n_tokens = lambda a, z: len(tok.encode("".join(line(m, tags) for m in stream[a:z])))
     for first, chunk, end in set(scores.window.values()):
         # Truncated the stated way: whole messages, as many as fit, and a chunk of at most half the budget.
@@ -96,7 +106,7 @@ def test_long_context_nll_equals_the_window_text_scored_alone(chat, budget):
         assert first < chunk and (end - chunk == 1 or n_tokens(chunk, end) <= budget // 2)
     if budget == 10_000:
         assert {w[0] for w in scores.window.values()} == {0}  # every message saw the whole history
-    checked = sorted(scores.nll) if budget == 200 else sorted(scores.nll)[::10]  # long windows cost more
+    checked = sorted(scores.nll) if budget == 200 else sorted(scores.nll)[::15]  # long windows cost more
     for g, key in enumerate(keys, start=first_held):
         if key not in checked:
             continue
@@ -112,7 +122,8 @@ def test_long_context_nll_equals_the_window_text_scored_alone(chat, budget):
 
 def test_a_zero_adapter_gives_the_base_scores_exactly_and_a_random_one_differs(small_chat, zero_adapter,
                                                                                 tiny_adapter, tmp_path):
-    opts = ev.Options(data=str(small_chat), samples=0, out=str(tmp_path / "e.json"), long_context=128)
+    opts = ev.Options(data=str(small_chat), samples=0, out=str(tmp_path / "e.json"), long_context=128,
+                      context_messages=2)  # short sequences: a quicker test
     zero = ev.evaluate(ev.Options(**{**vars(opts), "adapter": str(zero_adapter)}))["nll"]
     assert zero["c"]["nll"] == zero["a"]["nll"] and zero["d"]["nll"] == zero["b"]["nll"]
     assert zero["a"]["nll"] != zero["b"]["nll"]
@@ -132,7 +143,7 @@ class Guesser(torch.nn.Module):
         self.b = ev.branch(self.tag_ids)
         self.always = always
 
-    def forward(self, tokens):
+    def forward(self, tokens, unembed=True):
         B, T = tokens.shape
         logits = torch.zeros(B, T, 49152)
         for row, ids in zip(logits, tokens.tolist()):
@@ -144,6 +155,9 @@ class Guesser(torch.nn.Module):
                 if last is not None:
                     row[p, self.tag_ids[last][self.b]] = 10.0
         return logits
+
+    def unembed(self, x):  # eval.py unembeds what forward(unembed=False) returns: here already logits
+        return x
 
 
 def test_next_speaker_accuracy_of_a_fixed_guess_equals_that_persons_share(chat):
@@ -174,7 +188,7 @@ def test_the_verbatim_copy_rate_counts_exactly_the_replies_equal_to_training_mes
     canned = [texts[0].upper(), "  " + texts[5] + "  ", texts[9] + " and more", "zq xv wk"]  # 2 copies of 4
     monkeypatch.setattr(sample, "generate", lambda model, tok, prompts, opts: canned[: len(prompts)])
     r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=4, batch_size=4,
-                               out=str(tmp_path / "e.json")))
+                               context_messages=2, out=str(tmp_path / "e.json")))
     assert r["samples"]["fine-tuned"]["training_copies"] == r["samples"]["base"]["training_copies"] == 0.5
     assert r["samples"]["fine-tuned"]["n"] == 4
     assert (tmp_path / "e_lengths.png").stat().st_size > 1000
@@ -307,7 +321,17 @@ def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tin
     assert set(result["nll"]) == {"a", "b", "c", "d"} and result["settings"]["long_context"] == 64
     assert result["settings"]["speaker"] == FRIEND and result["samples"]["real"]["n"] == 4
     assert result["nll"]["a"]["messages"] == result["nll"]["b"]["messages"] == result["settings"]["messages"]
+    assert result["settings"]["messages"] == result["settings"]["held_out_messages"]  # fewer than 200: all
+    assert "scoring all [FRIEND] messages" in out.stdout
     assert "wall time" in out.stdout.splitlines()[-1]
+
+
+def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_adapter, tmp_path):
+    r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=3, max_messages=5,
+                               long_context=128, context_messages=2, out=str(tmp_path / "e.json")))
+    assert [r["nll"][k]["messages"] for k in "abcd"] == [5] * 4 and r["settings"]["messages"] == 5
+    assert r["settings"]["held_out_messages"] > 5 and r["samples"]["real"]["n"] == 3
+    assert "scoring the latest 5 of the " in ev.markdown(r)
 
 
 @pytest.mark.parametrize("args, says", [
