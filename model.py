@@ -445,19 +445,22 @@ def download(repo_id: str) -> Path:
 
 
 @torch.inference_mode()
-def greedy(model: Mistral, ids: list[int], max_new_tokens: int, stop=None) -> list[int]:
-    """The most likely continuation, token by token through the KV cache (sample.py samples). Ends
-    early once stop(new_ids) is true, keeping the token that stopped it."""
+def greedy(model: Mistral, tokens, max_new_tokens: int, stop=None):
+    """The most likely continuations of the prompts tokens (B, T) (equal lengths, no padding), token by
+    token through the KV cache (sample.py samples) -> the new tokens (B, n). Ends early once stop(new)
+    is true, keeping the token that stopped it."""
+    B, T = tokens.shape
     w = model.embed_tokens.weight
-    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, w.device, w.dtype)
-    logits = model.unembed(model(torch.tensor([ids], device=w.device), cache=cache, unembed=False)[:, -1:])
-    out = []
-    for _ in range(max_new_tokens):
-        out.append(logits[0, -1].argmax().item())
-        if stop is not None and stop(out):
-            break
-        logits = model(torch.tensor([out[-1:]], device=w.device), cache=cache)
-    return out
+    cache = KVCache(model.cfg, B, T + max_new_tokens, w.device, w.dtype)
+    new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=w.device)
+    x = tokens.to(w.device)
+    for n in range(max_new_tokens):
+        last = model(x, cache=cache, unembed=False)[:, -1]  # (B, D): only the last position is unembedded
+        x = model.unembed(last).argmax(-1, keepdim=True)  # (B, 1)
+        new[:, n : n + 1] = x
+        if stop is not None and stop(new[:, : n + 1]):
+            return new[:, : n + 1]
+    return new
 
 
 def main():
@@ -469,7 +472,8 @@ def main():
     model, tok = load_model(args.model)
     ids = tok.encode(args.prompt)
     # Decode prompt and continuation together: SentencePiece drops the space that starts a piece.
-    print(tok.decode(ids + greedy(model, ids, args.max_new_tokens, stop=lambda new: new[-1] == tok.eos_id)))
+    new = greedy(model, torch.tensor([ids]), args.max_new_tokens, stop=lambda new: new[0, -1] == tok.eos_id)
+    print(tok.decode(ids + new[0].tolist()))
 
 
 if __name__ == "__main__":

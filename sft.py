@@ -142,7 +142,8 @@ def sample_replies(model, tok, examples, n, device):
     for e in examples[:n]:
         prompt, real = e.text[: e.cut], e.text[e.cut :].strip()
         ids = tok.encode(prompt)
-        new = greedy(model, ids, 40, stop=lambda new: "\n" in tok.decode(new))
+        stop = lambda new: "\n" in tok.decode(new[0].tolist())  # the end of the reply's line
+        new = greedy(model, torch.tensor([ids]), 40, stop)[0].tolist()
         reply = tok.decode(ids + new)[len(tok.decode(ids)) :].split("\n")[0].strip()
         lines.append(f"  {prompt.splitlines()[-1]} {reply}    (real: {real})")
     model.train()

@@ -85,11 +85,21 @@ def test_greedy_tokens_identical_cached_uncached_and_transformers(tiny, tiny_hf)
     from model import greedy
 
     prompt = random_tokens(5, seed=8).tolist()
-    ours_cached = prompt + greedy(tiny, prompt, 15)
+    ours_cached = prompt + greedy(tiny, torch.tensor([prompt]), 15)[0].tolist()
     ours_uncached = greedy_uncached(tiny, prompt, 15)
     theirs = tiny_hf.generate(torch.tensor([prompt]), max_new_tokens=15, do_sample=False,
                               attention_mask=torch.ones(1, 5, dtype=torch.long))[0].tolist()
     assert ours_cached == ours_uncached == theirs
+
+
+def test_greedy_on_a_batch_equals_each_prompt_alone(tiny):
+    from model import greedy
+
+    prompts = torch.stack([random_tokens(6, seed=s) for s in (1, 2, 3)])  # (3, 6)
+    batch = greedy(tiny, prompts, 12)
+    assert batch.shape == (3, 12)
+    for row, prompt in zip(batch, prompts):
+        assert row.tolist() == greedy(tiny, prompt[None], 12)[0].tolist()
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def test_a_reply_stops_where_the_speakers_message_ends(smol):
                      hooks={"resid.0": lambda x: forwards.append(1)})[0]
     # Oracle: plain greedy decoding without any stop rule, cut at its first newline.
     ids = tok.encode(prompt)
-    free = tok.decode(ids + greedy(model, ids, 60))[len(tok.decode(ids)) :]
+    free = tok.decode(ids + greedy(model, torch.tensor([ids]), 60)[0].tolist())[len(tok.decode(ids)) :]
     assert "\n" in free, "the oracle needs a continuation that ends a message"
     assert reply == " ".join(free.split("\n")[0].split()) and reply
     # and decoding stopped there: one forward for the prompt, then one per token up to the newline
