@@ -6,22 +6,26 @@
     python sample.py --speaker FRIEND --prompt "[RIYA] hi" --compare    # base vs fine-tuned, same seed
     python sample.py --chat --me RIYA --speaker FRIEND                  # you type as Riya
     python sample.py --loop 20 --prompt "[RIYA] hey"                    # both people, 20 messages
+    python sample.py --speaker FRIEND --prompt "[RIYA] how was your day?" --steer happy:2   # happier
 
 A prompt is chat lines in the training format ("[TAG] text", one message per line); the reply is the
 next message of --speaker, and it ends where that message ends: at the newline that closes a turn.
 Uses the adapter sft.py wrote (out/adapter) unless --adapter DIR or --base; the adapter's
-adapter_config.json names the model it was trained on.
+adapter_config.json names the model it was trained on. --steer adds steering vectors that steer.py saved
+to the residual stream, at every position of the prompt and of every decoded token, in every mode.
 """
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import lora
-from model import BadInput, KVCache, exit_on_bad_input, load_model, parse_options
+from model import BadInput, KVCache, add, exit_on_bad_input, load_model, parse_options
 from prep import TAG_LINE, one_line, read_export, tag
 
 
@@ -47,7 +51,9 @@ class Options:
     max_run: Annotated[int, "--loop: after this many messages in a row, the other person writes"] = 4
     data: Annotated[str, "--loop: the training data, to count replayed training messages"] = "data/convos.jsonl"
     seed: Annotated[int, "random seed"] = 0
-    steer: Annotated[str, "NAME:ALPHA steering vector (arrives with steer.py)"] = ""
+    steer: Annotated[str, "steering vectors from steer.py, NAME:ALPHA[,NAME:ALPHA...]: NAME is "
+                          "out/steer/NAME.safetensors or a path, ALPHA scales its saved setting (1 = as "
+                          "found, -1 = the opposite); with --compare, both columns"] = ""
 
 
 def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
@@ -159,13 +165,73 @@ def load_adapted(adapter, model=""):
 
 
 def load(opts: Options):
-    """The model (with the adapter unless --base) and its tokenizer."""
+    """(model with the adapter unless --base, tokenizer, base model name)."""
     if opts.base:
-        return load_model(opts.model or "smollm2-135m")
-    return load_adapted(opts.adapter, opts.model)[:2]
+        name = opts.model or "smollm2-135m"
+        return *load_model(name), name
+    return load_adapted(opts.adapter, opts.model)
 
 
-def loop(model, tok, lines, opts: Options, tags: list[str]):
+# Steering vectors, as steer.py saves them: tensors v_pos, v_neg (D,) and metadata (strings) naming the
+# model and adapter they were made on, the layer they steer (steer_layer) and their setting (alpha_pos,
+# alpha_neg). Reading them lives here, in the earlier stage, so that steer.py imports sample.py and
+# never the reverse.
+
+def steering_hook(v_pos, v_neg, alpha_pos: float, alpha_neg: float):
+    """The hook that steers: adds alpha_pos * v_pos - alpha_neg * v_neg at every position."""
+    return add(alpha_pos * v_pos - alpha_neg * v_neg)
+
+
+def read_steering(path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A steering vector file -> (v_pos, v_neg, metadata)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            v_pos, v_neg = f.get_tensor("v_pos"), f.get_tensor("v_neg")
+        meta = {**meta, "steer_layer": int(meta["steer_layer"]), "alpha_pos": float(meta["alpha_pos"]),
+                "alpha_neg": float(meta["alpha_neg"])}
+    except (SafetensorError, KeyError, ValueError):
+        raise BadInput(f"--steer: {path} is not a steering vector file from steer.py") from None
+    return v_pos, v_neg, meta
+
+
+def steering_hooks(spec: str, model, made_on: dict) -> dict:
+    """--steer "happy:2,sad:-1" -> hooks {site: fn}. Each vector adds ALPHA * (alpha_pos * v_pos -
+    alpha_neg * v_neg) at its layer; vectors that share a site are summed into one hook, because a hooks
+    dict holds one function per site. made_on: {"model": ..., "adapter": ...}, what is loaded now; a
+    vector made on something else gets a warning (a direction can carry over, but it is not checked)."""
+    w = model.embed_tokens.weight
+    deltas = {}
+    for item in spec.split(","):
+        name, _, text = item.strip().rpartition(":")
+        try:
+            alpha = float(text)
+        except ValueError:
+            alpha = math.nan
+        if not name or not math.isfinite(alpha):
+            raise BadInput(f"--steer {item.strip()!r}: expected NAME:ALPHA, e.g. happy:2 (several: happy:2,calm:1)")
+        path = Path(name) if name.endswith(".safetensors") or "/" in name else Path(f"out/steer/{name}.safetensors")
+        if not path.exists():
+            raise BadInput(f"--steer {name}: no steering vector at {path}; make one with python steer.py search")
+        v_pos, v_neg, meta = read_steering(path)
+        if v_pos.shape != (model.cfg.dim,) or v_neg.shape != (model.cfg.dim,):
+            raise BadInput(f"--steer {name}: {path} holds vectors of shape {tuple(v_pos.shape)}, but this "
+                           f"model's residual stream has {model.cfg.dim} dimensions")
+        if not 0 <= meta["steer_layer"] <= model.cfg.n_layers:
+            raise BadInput(f"--steer {name}: {path} steers resid.{meta['steer_layer']}; this model has "
+                           f"resid.0 .. resid.{model.cfg.n_layers}")
+        made = {"model": meta.get("model", "?"), "adapter": meta.get("adapter", "")}  # "" = no adapter
+        where = lambda adapter: Path(adapter).resolve() if adapter else None
+        if made["model"] != made_on["model"] or where(made["adapter"]) != where(made_on["adapter"]):
+            print(f"warning: --steer {name} was made on {made['model']} with adapter {made['adapter'] or 'none'}; "
+                  f"this is {made_on['model']} with adapter {made_on['adapter'] or 'none'}", file=sys.stderr)
+        site = f"resid.{meta['steer_layer']}"
+        delta = alpha * (meta["alpha_pos"] * v_pos.float() - meta["alpha_neg"] * v_neg.float())
+        deltas[site] = deltas.get(site, 0) + delta
+    return {site: add(d.to(w.device, w.dtype)) for site, d in deltas.items()}
+
+
+def loop(model, tok, lines, opts: Options, tags: list[str], hooks=None):
     """Both people, opts.loop messages; the model picks who writes next. Simulated chats drift into
     loops: one person talking to themselves (each of their lines makes the next likelier), a message
     repeated verbatim, a training message replayed. We cap runs of one speaker, block n-grams of the
@@ -179,7 +245,7 @@ def loop(model, tok, lines, opts: Options, tags: list[str]):
     budget = model.cfg.max_seq_len - opts.max_new_tokens
     for i in range(opts.loop):
         context = trim(lines, tok, budget)
-        speaker = next_speaker(model, tok, context, tags, opts.seed + i)
+        speaker = next_speaker(model, tok, context, tags, opts.seed + i, hooks=hooks)
         last = [l.split("]")[0] + "]" for l in lines[-opts.max_run :]]
         if len(last) == opts.max_run and set(last) == {speaker}:
             speaker = next(t for t in tags if t != speaker)
@@ -187,7 +253,7 @@ def loop(model, tok, lines, opts: Options, tags: list[str]):
         texts = [l.split("] ", 1)[-1].lower() for l in lines]
         for attempt in range(3):  # a verbatim repeat is resampled, warmer each time, twice at most
             warmer = replace(opts, seed=opts.seed + 1000 * attempt + i, temperature=opts.temperature + 0.3 * attempt)
-            reply = generate(model, tok, [prompt_for(context, speaker)], warmer)[0]
+            reply = generate(model, tok, [prompt_for(context, speaker)], warmer, hooks)[0]
             if reply.lower() not in texts:
                 break
             stats["verbatim repeats kept" if attempt == 2 else "resampled repeats"] += 1
@@ -202,13 +268,14 @@ def loop(model, tok, lines, opts: Options, tags: list[str]):
 
 
 @torch.inference_mode()
-def next_speaker(model, tok, lines, tags, seed=0, sample=True):
+def next_speaker(model, tok, lines, tags, seed=0, sample=True, hooks=None):
     """Who writes next: each tag's probability after the last line (tags are several tokens)."""
     text = "".join(line + "\n" for line in lines)
     scores = []
     for t in tags:
         context, full = tok.encode(text), tok.encode(text + t)
-        logits = model(torch.tensor([full], device=model.embed_tokens.weight.device))[0, len(context) - 1 : -1]
+        logits = model(torch.tensor([full], device=model.embed_tokens.weight.device),
+                       hooks=hooks)[0, len(context) - 1 : -1]
         scores.append(logits.float().log_softmax(-1).gather(-1, torch.tensor(full[len(context) :])[:, None].to(logits.device)).sum())
     probs = torch.stack(scores).softmax(0)
     if not sample:
@@ -218,9 +285,9 @@ def next_speaker(model, tok, lines, tags, seed=0, sample=True):
 
 def main():
     opts = parse_options(Options)
-    if opts.steer:
-        raise BadInput("--steer: steering vectors arrive with steer.py, which is not written yet")
-    model, tok = load(opts)
+    model, tok, name = load(opts)
+    hooks = steering_hooks(opts.steer, model, {"model": name, "adapter": "" if opts.base else opts.adapter}) \
+        if opts.steer else None
     speaker = tag(opts.speaker)
     lines = parse_prompt(opts.prompt)
     budget = model.cfg.max_seq_len - opts.max_new_tokens
@@ -232,7 +299,7 @@ def main():
             raise BadInput(f"--loop plays two people; the prompt and --speaker name {tags}")
         for line in lines:
             print(line)
-        stats = loop(model, tok, lines, opts, tags)
+        stats = loop(model, tok, lines, opts, tags, hooks)
         print("\nrepetition: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     elif opts.chat:
         opts = replace(opts, no_repeat_ngram=0)
@@ -243,16 +310,16 @@ def main():
                 break
             lines.append(f"{me} {one_line(text)}")
             lines = trim(lines, tok, budget)
-            reply = generate(model, tok, [prompt_for(lines, speaker)], opts)[0]
+            reply = generate(model, tok, [prompt_for(lines, speaker)], opts, hooks)[0]
             lines.append(f"{speaker} {reply}")
             print(lines[-1], flush=True)
     else:
         opts = replace(opts, no_repeat_ngram=0)  # n-gram blocking is for --loop
         prompts = [prompt_for(trim(lines, tok, budget), speaker)] * opts.n
-        replies = generate(model, tok, prompts, opts)
+        replies = generate(model, tok, prompts, opts, hooks)
         if opts.compare and not opts.base:
-            with lora.disabled(model):
-                base_replies = generate(model, tok, prompts, opts)
+            with lora.disabled(model):  # steered too: the columns differ by the adapter alone
+                base_replies = generate(model, tok, prompts, opts, hooks)
             width = max(len(r) for r in base_replies)
             print(f"{'base':<{width}} | fine-tuned")
             for b, r in zip(base_replies, replies):

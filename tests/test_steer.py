@@ -1,0 +1,202 @@
+"""steer.py and sample.py --steer: the concept score follows the sign of alpha, zero steering changes
+nothing, the coherence bounds reject an absurd push, steered cached decoding equals a steered full
+forward, vector files round-trip and drive the CLI, and the probe finds a planted direction."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import steer
+from model import BadInput, KVCache, load_checkpoint, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = ROOT / "data" / "steer" / "happy.json"
+LAYER = 15  # the middle of SmolLM2's 30 layers
+
+
+@pytest.fixture(scope="module")
+def happy(smol):
+    """The shipped pairs, their vectors at resid.LAYER of SmolLM2, and `unit`: the alpha that pushes along
+    v_pos - v_neg by the stream's whole norm there (the search's r = 1)."""
+    model, tok = smol
+    data = steer.read_pairs(PAIRS)
+    v_pos, v_neg = (v[LAYER] for v in steer.contrast_vectors(model, tok, data["pairs"])["mean"])
+    norm = steer.pooled_streams(model, tok, data["prompts"][:4])["norm"][LAYER].mean()
+    return data, v_pos, v_neg, (norm / (v_pos - v_neg).norm()).item()
+
+
+def steering(v_pos, v_neg, alpha_pos, alpha_neg=None):
+    alpha_neg = alpha_pos if alpha_neg is None else alpha_neg
+    return {f"resid.{LAYER}": sample.steering_hook(v_pos, v_neg, alpha_pos, alpha_neg)}
+
+
+def test_positive_alpha_raises_and_negative_alpha_lowers_the_concept_score(smol, happy):
+    model, tok = smol
+    data, v_pos, v_neg, unit = happy
+    prompts, words = data["prompts"][:6], steer.concept_words(tok, data)
+    unsteered = steer.concept_score(model, tok, prompts, words)
+    happier = steer.concept_score(model, tok, prompts, words, steering(v_pos, v_neg, 0.2 * unit))
+    sadder = steer.concept_score(model, tok, prompts, words, steering(v_pos, v_neg, -0.2 * unit))
+    assert sadder < unsteered - 1 and happier > unsteered + 1
+
+
+def test_alpha_zero_and_a_zero_vector_change_nothing(smol, happy):
+    model, tok = smol
+    data, v_pos, v_neg, unit = happy
+    tokens = torch.tensor([tok.encode(data["prompts"][0])])
+    plain = model(tokens)
+    zero = torch.zeros_like(v_pos)
+    assert torch.equal(model(tokens, hooks=steering(v_pos, v_neg, 0.0)), plain)
+    assert torch.equal(model(tokens, hooks=steering(zero, zero, 3.0)), plain)
+    assert not torch.equal(model(tokens, hooks=steering(v_pos, v_neg, 0.1 * unit)), plain)  # the hook does run
+
+
+def test_the_coherence_bounds_reject_an_absurd_alpha(smol, happy):
+    model, tok = smol
+    data, v_pos, v_neg, unit = happy
+    data = {**data, "prompts": data["prompts"][:4], "neutral": data["neutral"][:6]}
+    opts = steer.Options(sample_tokens=8)
+    ref = steer.unsteered(model, tok, data, opts)
+    gentle = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 0.05 * unit), opts)
+    absurd = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 50 * unit), opts)
+    assert gentle["ok"] and gentle["kl"] < opts.max_kl
+    assert not absurd["ok"] and absurd["kl"] > opts.max_kl and absurd["ppl_ratio"] is None
+    # and the perplexity bound on its own, with the KL bound lifted: its replies are not chat
+    lifted = steer.Options(sample_tokens=8, max_kl=float("inf"))
+    absurd = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 50 * unit), lifted)
+    assert not absurd["ok"] and absurd["ppl_ratio"] > lifted.max_ppl_ratio
+
+
+def test_steering_in_cached_decoding_equals_steering_in_a_full_forward(tiny, smol, happy):
+    # The oracle on the tiny model (sliding window 4, shorter than the sequence): on SmolLM2's 30 layers
+    # cached and full forwards differ by ~5e-5 in the logits with or without steering, float32 noise.
+    g = torch.Generator().manual_seed(0)
+    v_pos, v_neg = torch.randn(2, tiny.cfg.dim, generator=g)
+    hooks = {"resid.1": sample.steering_hook(v_pos, v_neg, 1.0, 0.5)}  # unequal alphas: the common part too
+    tokens = torch.randint(0, tiny.cfg.vocab_size, (2, 12), generator=g)
+    full = tiny(tokens, hooks=hooks)  # (B, T, V)
+    assert not torch.allclose(full, tiny(tokens), atol=1e-2)
+    cache = KVCache(tiny.cfg, 2, 12)
+    steps = [tiny(tokens[:, :5], cache=cache, hooks=hooks)]  # prefill, then one token at a time
+    steps += [tiny(tokens[:, t : t + 1], cache=cache, hooks=hooks) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # sample.generate steers its prefill and every decoding step: its greedy reply on SmolLM2 is the one
+    # that steered full forwards over the growing sequence choose.
+    model, tok = smol
+    data, v_pos, v_neg, unit = happy
+    hooks = steering(v_pos, v_neg, 0.2 * unit)
+    prompt = data["prompts"][0]
+    ids = tok.encode(prompt)
+    for _ in range(8):
+        ids.append(model(torch.tensor([ids]), hooks=hooks)[0, -1].argmax().item())
+    opts = sample.Options(temperature=0, repetition_penalty=1.0, max_new_tokens=8)
+    reply = sample.generate(model, tok, [prompt], opts, hooks=hooks)[0]
+    assert reply and reply == " ".join(tok.decode(ids)[len(prompt) :].split("\n")[0].split())
+    assert reply != sample.generate(model, tok, [prompt], opts)[0]
+
+
+def test_alphas_push_by_r_along_the_contrast_and_t_along_the_common_mean():
+    v_pos, v_neg = torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(0))
+    vectors, norms = {"mean": (v_pos, v_neg)}, torch.tensor([7.0])
+    a_pos, a_neg = steer.alphas(steer.Setting(0, 0, "mean", r=0.3, t=-0.1), vectors, norms)
+    assert abs((a_pos + a_neg) / 2 * (v_pos - v_neg).norm() - 0.3 * 7) < 1e-4
+    assert abs((a_pos - a_neg) * ((v_pos + v_neg) / 2).norm() + 0.1 * 7) < 1e-4
+    assert steer.alphas(steer.Setting(0, 0, "mean", r=0.3, t=0.0), vectors, norms)[0] == \
+        steer.alphas(steer.Setting(0, 0, "mean", r=0.3, t=0.0), vectors, norms)[1]
+
+
+def test_random_settings_keep_the_steering_layer_near_the_extraction_layer():
+    tried = steer.settings(n_layers=30, trials=200, max_distance=3, seed=0)
+    assert len(tried) == 9 + 200 and tried == steer.settings(30, 200, 3, 0)
+    assert all(1 <= s.extract <= 29 and 1 <= s.steer <= 29 and abs(s.steer - s.extract) <= 3 for s in tried)
+    assert {s.pooling for s in tried} == {"mean", "last"} and any(s.t != 0 for s in tried)
+
+
+def test_the_probe_recovers_a_planted_direction():
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(32, generator=g)
+    w_true /= w_true.norm()
+    X = 4 + torch.randn(400, 32, generator=g)  # an offset, as a residual stream has
+    rating = (1 + 4 * torch.sigmoid(3 * (X - 4) @ w_true)).round()
+    w, b = steer.train_probe(X[:300], (rating[:300] - 1) / 4, l2=1e-2)
+    assert torch.nn.functional.cosine_similarity(w, w_true, dim=0) > 0.9
+    held_out = steer.probe_metrics(X[300:] @ w + b, rating[300:])
+    assert held_out["accuracy"] > 0.9 and held_out["correlation"] > 0.8
+
+
+def test_a_saved_vector_round_trips_with_its_metadata(tmp_path):
+    v_pos, v_neg = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "happy.safetensors"
+    steer.save_vector(path, v_pos, v_neg, {"model": "smollm2-135m", "adapter": "", "steer_layer": 12,
+                                           "alpha_pos": 1.25, "alpha_neg": 0.75, "kl": 0.1})
+    p, n, meta = sample.read_steering(path)
+    assert torch.equal(p, v_pos) and torch.equal(n, v_neg)
+    assert meta == {"model": "smollm2-135m", "adapter": "", "steer_layer": 12, "alpha_pos": 1.25,
+                    "alpha_neg": 0.75, "kl": "0.1"}
+    assert list(tmp_path.iterdir()) == [path]  # written through a temporary file, renamed
+
+
+def tiny_vector(path, tiny_chat_dir, tiny_adapter, dim=64, layer=1):
+    # Norm ~4,000: the tiny adapter's large random weights make a stream of norm ~1,000 to 10,000.
+    v_pos, v_neg = 500 * torch.randn(2, dim, generator=torch.Generator().manual_seed(0))
+    steer.save_vector(path, v_pos, v_neg, {
+        "model": str(tiny_chat_dir), "adapter": str(tiny_adapter), "steer_layer": layer, "alpha_pos": 1.0,
+        "alpha_neg": 0.5})
+    return path
+
+
+def test_steer_specs_add_up_and_alpha_zero_is_no_steering(tiny_chat_dir, tiny_adapter, tmp_path, capsys):
+    model, tok = load_checkpoint(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
+    a = tiny_vector(tmp_path / "a.safetensors", tiny_chat_dir, tiny_adapter)
+    b = tiny_vector(tmp_path / "b.safetensors", tiny_chat_dir, tiny_adapter, layer=2)
+    made_on = {"model": str(tiny_chat_dir), "adapter": str(tiny_adapter)}
+    tokens = torch.tensor([tok.encode("[RIYA] hi\n[FRIEND]")])
+    logits = lambda spec: model(tokens, hooks=sample.steering_hooks(spec, model, made_on))
+    torch.testing.assert_close(logits(f"{a}:1,{a}:1"), logits(f"{a}:2"))  # one site, summed
+    assert sorted(sample.steering_hooks(f"{a}:1,{b}:-1", model, made_on)) == ["resid.1", "resid.2"]
+    assert torch.equal(logits(f"{a}:0"), model(tokens)) and not torch.equal(logits(f"{a}:1"), model(tokens))
+    assert capsys.readouterr().err == ""  # made on this model and adapter: no warning
+    sample.steering_hooks(f"{a}:1", model, {"model": "smollm2-135m", "adapter": ""})
+    assert capsys.readouterr().err.startswith("warning: --steer ")
+    wrong = tiny_vector(tmp_path / "wide.safetensors", tiny_chat_dir, tiny_adapter, dim=65)
+    with pytest.raises(BadInput, match="65,.*64 dimensions"):
+        sample.steering_hooks(f"{wrong}:1", model, made_on)
+    with pytest.raises(BadInput, match="expected NAME:ALPHA"):
+        sample.steering_hooks(f"{a}:lots", model, made_on)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_steer_changes_the_replies_with_the_same_seed(tiny_chat_dir, tiny_adapter, tmp_path):
+    vector = tiny_vector(tmp_path / "v.safetensors", tiny_chat_dir, tiny_adapter)
+    args = ["--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--n", "3", "--max-new-tokens", "6"]
+    plain, steered = run(*args), run(*args, "--steer", f"{vector}:2")
+    assert plain.returncode == 0 and steered.returncode == 0, steered.stderr
+    assert len(steered.stdout.splitlines()) == 3 and steered.stdout != plain.stdout
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("happy", "error: --steer 'happy': expected NAME:ALPHA"),
+    ("no_such_vector:1", "error: --steer no_such_vector: no steering vector at out/steer/no_such_vector.safetensors"),
+])
+def test_cli_bad_steer_is_one_line_and_exit_status_2(tiny_adapter, spec, says):
+    out = run("--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--steer", spec)
+    assert out.returncode == 2 and out.stderr.startswith(says) and out.stderr.count("\n") == 1
+
+
+def test_a_missing_or_malformed_pairs_file_names_itself(tmp_path):
+    with pytest.raises(BadInput, match="--pairs nowhere.json: no such file"):
+        steer.read_pairs("nowhere.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"concept": "happy", "pairs": [')
+    with pytest.raises(BadInput, match=f"--pairs {bad}: not valid JSON"):
+        steer.read_pairs(bad)
+    bad.write_text(json.dumps({**json.loads(PAIRS.read_text()), "prompts": ["[RIYA] hi"]}))
+    with pytest.raises(BadInput, match="does not end with the replier's tag"):
+        steer.read_pairs(bad)
