@@ -114,10 +114,14 @@ def collate(examples, device):
 
 def loss_fn(model, tokens, weights, checkpoint=False):
     """Weighted mean negative log-likelihood of the target tokens: (sum w * nll) / (sum w)."""
-    logits = model(tokens[:, :-1], checkpoint=checkpoint)  # (B, T-1, V): position t predicts t+1
-    nll = -token_logprobs(logits, tokens[:, 1:])  # (B, T-1)
+    h = model(tokens[:, :-1], checkpoint=checkpoint, unembed=False)  # (B, T-1, D): position t predicts t+1
     w = weights[:, 1:]
-    return (nll * w).sum() / w.sum()
+    scored = w > 0  # (B, T-1)
+    # Only the target message's tokens carry loss (~1 in 10 here), so only they are unembedded: the
+    # (N, V) fp32 logits and their log-softmax were most of a step's memory, and a fifth of its work.
+    unembed = getattr(model, "module", model).unembed  # DistributedDataParallel wraps our model
+    nll = -token_logprobs(unembed(h[scored]), tokens[:, 1:][scored])  # (N,)
+    return (nll * w[scored]).sum() / w.sum()
 
 
 @torch.no_grad()

@@ -131,3 +131,23 @@ def test_help_lists_every_option_with_its_default():
         assert flag in run.stdout
         if not isinstance(value, bool):
             assert f"(default: {value}" in " ".join(run.stdout.split())
+
+
+def test_the_loss_on_target_tokens_only_equals_the_loss_over_full_logits_with_its_gradients(tiny_chat_dir):
+    import lora
+    from model import load_checkpoint, token_logprobs
+
+    model = load_checkpoint(tiny_chat_dir)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for p in lora.lora_parameters(model):  # B = 0 would give the A matrices no gradient to compare
+        torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 49152, (3, 20), generator=g)
+    weights = (torch.rand(3, 20, generator=g) > 0.7).float() * torch.rand(3, 20, generator=g)  # sparse, weighted
+    ours = sft.loss_fn(model, tokens, weights)
+    grads = torch.autograd.grad(ours, lora.lora_parameters(model))
+    nll = -token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])  # every position's logits
+    full = (nll * weights[:, 1:]).sum() / weights[:, 1:].sum()
+    assert ours.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(full, lora.lora_parameters(model))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
