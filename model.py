@@ -411,7 +411,28 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Mistral:
         raise BadInput(f"{path}: checkpoint does not match config.json: missing tensors {missing[:5]}, "
                        f"unexpected tensors {unexpected[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
+    if torch.device(device).type == "cpu":
+        store_input_major(model)
     return model.eval()
+
+
+def store_input_major(model: Mistral):
+    """Store the weights of the wide projections (as many outputs as inputs or more: q, o, gate, up and
+    the unembedding) transposed in memory, keeping their (out, in) shapes, so nothing else changes.
+
+    Why: decoding one token is one matrix-vector product per weight, and its speed is how fast the
+    weight streams from memory. On a CPU, MKL's product runs a weight stored input-major as
+    y = sum_j x_j * W[:, j], streaming long contiguous columns, about twice as fast as one stored
+    output-major, which is one short dot product per output. Narrow projections (k, v, down) are as
+    fast or faster as they are. Measured on SmolLM2-135M, 2 cores: gate/up 12 -> 20 GB/s, the
+    unembedding 12 -> 24 GB/s, decoding 18.7 -> 25 tokens/s; matrix-matrix products (prefill,
+    training) run at the same speed either way. (On a GPU the usual layout is the fast one.)"""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    if model.lm_head is None:
+        weights.append(model.embed_tokens.weight)  # tied: the unembedding reads it as a (V, D) linear
+    for w in weights:
+        if w.shape[0] >= w.shape[1]:
+            w.data = w.data.T.contiguous().T  # same shape and values, strides (1, out)
 
 
 def load_model(name_or_path="smollm2-135m", dtype=None, device=None):

@@ -155,6 +155,18 @@ def test_hooks_in_cached_decoding_match_a_full_forward(tiny):
     assert not torch.allclose(full, tiny(tokens))  # the steering vector did something
 
 
+def test_wide_weights_load_input_major_on_cpu(tiny, tiny_dir):
+    # store_input_major changes where the values sit in memory, not the shapes or the values (the
+    # parity tests above run on this layout); narrow weights keep the usual layout.
+    layer = tiny.layers[0]
+    for wide in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, tiny.lm_head):
+        assert wide.weight.stride() == (1, wide.weight.shape[0])
+    for narrow in (layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
+        assert narrow.weight.is_contiguous()
+    state = load_file(tiny_dir / "model.safetensors")
+    assert torch.equal(tiny.layers[0].mlp.gate_proj.weight, state["model.layers.0.mlp.gate_proj.weight"])
+
+
 def test_training_forward_is_differentiable(tiny_dir):
     model = load_checkpoint(tiny_dir)
     logits = model(random_tokens(2, 6, seed=14))
