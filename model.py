@@ -177,15 +177,48 @@ class KVCache:
         self.length = 0  # slots filled so far
 
 
+# Every weight multiplication goes through linear(), so that decoding on a CPU can take a faster route.
+# Up to FEW_ROWS rows it does; measured, that route stops paying between 32 and 64 rows.
+FEW_ROWS = 16
+
+
+def linear(x, w):
+    """x (..., in) @ w.T for w (out, in): F.linear, except for decoding's few rows on a CPU.
+
+    Why: decoding a token multiplies each weight by one row (or a batch's few rows), so its speed is
+    how fast the weights stream from memory. Given one row, MKL runs a matrix-vector product that reads
+    fp32 weights at ~11 GB/s on our 2-core machine; the same product written as w @ x.T, (out, rows),
+    with at least two rows runs a blocked kernel that reads them at 20-30 GB/s, near the memory's
+    35 GB/s. So a single row is doubled; the copy costs only arithmetic, which sits idle anyway. The
+    usual form wins again from ~32 rows (prefill, training), where the arithmetic is the limit."""
+    rows = x.shape[:-1].numel()
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > FEW_ROWS:
+        return F.linear(x, w)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        x2 = torch.cat((x2, x2))  # a real copy: a stride-0 expand would send MKL down a slow path
+    return (w @ x2.T).T[:rows].contiguous().view(*x.shape[:-1], w.shape[0])  # (out, rows) -> (..., out)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same parameter, same state-dict key, wrapped by LoRA alike) computed by linear()."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        # Separate q, k, v projections (no fused qkv) so LoRA can wrap each as a plain nn.Linear.
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Separate q, k, v projections (no fused qkv) so LoRA can wrap each as a plain linear layer.
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
 
     def forward(self, x, cos, sin, mask, kv=None, start=0):
         B, T, _ = x.shape
@@ -210,9 +243,9 @@ class MLP(nn.Module):
     # SwiGLU (https://arxiv.org/abs/2002.05202): down(silu(gate(x)) * up(x)).
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim)
 
     def forward(self, x):  # (B, T, D) -> (B, T, F) -> (B, T, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -251,7 +284,7 @@ class Mistral(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size)
 
     def forward(self, tokens, mask=None, cache: KVCache | None = None, hooks: dict | None = None,
                 checkpoint=False, unembed=True):
@@ -304,7 +337,7 @@ class Mistral(nn.Module):
         """The final normed stream (..., D) -> logits (..., V). For a small model with a large vocabulary
         this is much of the work (a fifth of SmolLM2's forward) and the largest tensor, so callers that
         need few positions (the last one when sampling, the scored ones in eval) unembed only those."""
-        return x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
+        return linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
 
 
 # Hook helpers: one-line call sites for reading and writing the residual stream.
@@ -411,28 +444,7 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Mistral:
         raise BadInput(f"{path}: checkpoint does not match config.json: missing tensors {missing[:5]}, "
                        f"unexpected tensors {unexpected[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
-    if torch.device(device).type == "cpu":
-        store_input_major(model)
     return model.eval()
-
-
-def store_input_major(model: Mistral):
-    """Store the weights of the wide projections (as many outputs as inputs or more: q, o, gate, up and
-    the unembedding) transposed in memory, keeping their (out, in) shapes, so nothing else changes.
-
-    Why: decoding one token is one matrix-vector product per weight, and its speed is how fast the
-    weight streams from memory. On a CPU, MKL's product runs a weight stored input-major as
-    y = sum_j x_j * W[:, j], streaming long contiguous columns, about twice as fast as one stored
-    output-major, which is one short dot product per output. Narrow projections (k, v, down) are as
-    fast or faster as they are. Measured on SmolLM2-135M, 2 cores: gate/up 12 -> 20 GB/s, the
-    unembedding 12 -> 24 GB/s, decoding 18.7 -> 25 tokens/s; matrix-matrix products (prefill,
-    training) run at the same speed either way. (On a GPU the usual layout is the fast one.)"""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    if model.lm_head is None:
-        weights.append(model.embed_tokens.weight)  # tied: the unembedding reads it as a (V, D) linear
-    for w in weights:
-        if w.shape[0] >= w.shape[1]:
-            w.data = w.data.T.contiguous().T  # same shape and values, strides (1, out)
 
 
 def load_model(name_or_path="smollm2-135m", dtype=None, device=None):

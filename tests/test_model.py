@@ -155,16 +155,21 @@ def test_hooks_in_cached_decoding_match_a_full_forward(tiny):
     assert not torch.allclose(full, tiny(tokens))  # the steering vector did something
 
 
-def test_wide_weights_load_input_major_on_cpu(tiny, tiny_dir):
-    # store_input_major changes where the values sit in memory, not the shapes or the values (the
-    # parity tests above run on this layout); narrow weights keep the usual layout.
-    layer = tiny.layers[0]
-    for wide in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, tiny.lm_head):
-        assert wide.weight.stride() == (1, wide.weight.shape[0])
-    for narrow in (layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
-        assert narrow.weight.is_contiguous()
-    state = load_file(tiny_dir / "model.safetensors")
-    assert torch.equal(tiny.layers[0].mlp.gate_proj.weight, state["model.layers.0.mlp.gate_proj.weight"])
+@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (2, 1), (4, 4), (1, 17)])  # 17 > FEW_ROWS: F.linear itself
+def test_linear_matches_f_linear_for_any_number_of_rows(rows):
+    # linear() computes decoding's few rows as w @ x.T (one row doubled): the same product, summed in
+    # another order, so equal to rounding; and differentiable like F.linear.
+    from model import FEW_ROWS, linear
+
+    gen = torch.Generator().manual_seed(16)
+    w = torch.randn(48, 40, generator=gen, requires_grad=True)
+    x = torch.randn(*rows, 40, generator=gen, requires_grad=True)
+    ours, ref = linear(x, w), torch.nn.functional.linear(x, w)
+    assert ours.shape == ref.shape == (*rows, 48) and ours.is_contiguous()
+    torch.testing.assert_close(ours, ref, **TOL)
+    grads = torch.autograd.grad(ours.square().sum(), (x, w))
+    torch.testing.assert_close(grads, torch.autograd.grad(ref.square().sum(), (x, w)), **TOL)
+    assert FEW_ROWS < 17  # so the last case does take the F.linear route
 
 
 def test_training_forward_is_differentiable(tiny_dir):
