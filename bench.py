@@ -1,14 +1,20 @@
 """Speed: our model, decoding and LoRA step against transformers and PEFT, in one run.
 
-    python bench.py                          # CPU: the embedded SmolLM2-135M in fp32 (~5 minutes on 2 cores)
+    python bench.py                          # CPU: the embedded SmolLM2-135M in fp32 (~15 minutes on 2 cores)
     python bench.py --repeats 7 --only sft   # one measurement, more repeats
 
 For ours and theirs, on the same weights, dtype and inputs:
 
     prefill   tokens/s of one forward over --prefill-len tokens, batch 1
     decode1   greedy decoding through the KV cache, batch 1: --new-tokens after a --prompt-len prompt
-              (ours: model.greedy; theirs: generate(do_sample=False)); tokens/s counts the new tokens
+              (the end of a real chat prompt; ours: model.greedy, theirs: generate(do_sample=False));
+              tokens/s counts the new tokens
     decode8   the same, 8 prompts at once
+    sample8   sampling, 8 replies at once to decode8's prompts, with sample.py's default settings
+              (temperature, top-p, repetition penalty; ours: sample.generate_ids, theirs:
+              generate(do_sample=True) with the same settings). The two random generators differ, so
+              what is compared is the first step's sampling distribution (total variation distance);
+              and our rate against our own decode8
     sft       one LoRA fine-tuning step (forward, backward, gradient clipping, AdamW) on a batch of real
               training examples from --data, exactly as sft.py takes it (ours: sft.loss_fn on our LoRA;
               theirs: transformers' loss from labels on a PEFT LoRA); tokens/s counts real tokens
@@ -16,14 +22,14 @@ For ours and theirs, on the same weights, dtype and inputs:
 Each measurement runs in a fresh process (bench.py starts them), so its peak memory is its own: the
 peak above the loaded model and inputs, i.e. activations, KV cache, gradients and optimizer state
 (CPU: resident memory, GPU: torch's allocations). Warm-up runs are excluded; the median of --repeats
-is reported. On a GPU it also runs a Mistral-7B-shaped model with random bf16 weights built on the
-device (speed doesn't depend on weight values; both sides get the same values), and reports batch-1
-decoding against the memory-bandwidth bound (weight bytes read per token over the measured copy
-bandwidth) and the LoRA step as model-FLOPs utilisation (against the measured bf16 matmul rate).
-Prints a markdown table and writes --out (JSON).
+is reported beside the fastest run, and a measurement whose runs spread by more than a quarter is
+flagged (a disturbed machine, not a real difference). On a GPU it also runs a Mistral-7B-shaped
+model with random bf16 weights built on the device (speed doesn't depend on weight values; both sides
+get the same values), and reports batch-1 decoding against the memory-bandwidth bound (weight bytes
+read per token over the measured copy bandwidth) and the LoRA step as model-FLOPs utilisation
+(against the measured bf16 matmul rate). Prints a markdown table and writes --out (JSON).
 """
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,10 +39,14 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from model import BadInput, config_from_hf, exit_on_bad_input, greedy, load_model, parse_options
+from cli import BadInput, exit_on_bad_input, parse_options
+from lora import TARGETS
+from model import config_from_hf, greedy, load_model
 
-TASKS = ("prefill", "decode1", "decode8", "sft")
+TASKS = ("prefill", "decode1", "decode8", "sample8", "sft")
+SPREAD = 0.25  # runs of one measurement further apart than this, (slowest - fastest) / fastest, are flagged
 
 
 @dataclass
@@ -60,7 +70,7 @@ MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, inte
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                   max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
                   tie_word_embeddings=False, hidden_act="silu")
-LORA = dict(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+LORA = dict(r=16, alpha=32, targets=TARGETS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,23 +143,41 @@ def load(impl: str, model_name: str, device):
     return model.eval(), MISTRAL_7B["vocab_size"]
 
 
+def training_examples(opts: Options):
+    """sft.py's training examples of --data, tokenised for the embedded model."""
+    import smollm2
+    from model import load_tokenizer
+    from prep import build_examples, load_pair
+
+    messages, _ = load_pair(opts.data)
+    return build_examples(messages, load_tokenizer(smollm2.converted_dir()))[0]
+
+
 def sft_batch(opts: Options, model_name: str, vocab: int, device):
     """(tokens (B, T), loss weights (B, T), real tokens): a typical batch of sft.py's first epoch (the
     median by length) for the embedded model; random tokens with the same shape and mask for the 7B
     shape (its tokenizer isn't here)."""
     import sft
-    from prep import build_examples, load_pair
-    from model import load_tokenizer
-    import smollm2
 
-    messages, _ = load_pair(opts.data)
-    examples, _ = build_examples(messages, load_tokenizer(smollm2.converted_dir()))
+    examples = training_examples(opts)
     batches = sorted(sft.epoch_batches(examples, opts.sft_batch, 0, 0), key=lambda b: max(len(examples[i].tokens) for i in b))
     batch = [examples[i] for i in batches[len(batches) // 2]]
     tokens, weights = sft.collate(batch, device)
     if model_name != "smollm2-135m":
         tokens = torch.randint(0, vocab, tokens.shape, generator=torch.Generator().manual_seed(0)).to(device)
     return tokens, (weights > 0).float(), sum(len(e.tokens) for e in batch)
+
+
+def prompts(opts: Options, batch: int, model_name: str, vocab: int, device):
+    """(batch, --prompt-len) tokens: the last --prompt-len tokens of real chat prompts (ending in the
+    replier's tag, spread over the training examples of --data) for the embedded model, so that
+    sampling meets the distributions it meets in use (the nucleus, and so what top-p costs, depends on
+    how sure the model is); random tokens for the 7B shape, whose tokenizer isn't here."""
+    if model_name != "smollm2-135m":
+        return torch.randint(0, vocab, (batch, opts.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    examples = [e for e in training_examples(opts) if e.loss_mask.index(True) >= opts.prompt_len]
+    chosen = [examples[i * len(examples) // batch] for i in range(batch)]
+    return torch.tensor([e.tokens[: e.loss_mask.index(True)][-opts.prompt_len :] for e in chosen]).to(device)
 
 
 def step_fn(impl: str, model, tokens, weights, device):
@@ -193,6 +221,11 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     impl, task, model_name = spec["impl"], spec["task"], spec["model"]
     model, vocab = load(impl, model_name, device)
+    if impl == "theirs":
+        # generate() stops a row at the end-of-sequence token, and min_new_tokens would forbid that token
+        # instead, changing the distribution; ours decodes a fixed number of tokens with no stop rule. So
+        # theirs gets no end-of-sequence token: the same work and the same function on both sides.
+        model.generation_config.eos_token_id = None
     gen = torch.Generator().manual_seed(0)
     extra = {}
     if task == "prefill":
@@ -202,15 +235,29 @@ def measure(spec: dict) -> dict:
         run = torch.inference_mode()(run)
     elif task in ("decode1", "decode8"):
         B = 1 if task == "decode1" else 8
-        prompt = torch.randint(0, vocab, (B, opts.prompt_len), generator=gen).to(device)
+        prompt = prompts(opts, B, model_name, vocab, device)
         n_tokens = B * opts.new_tokens
         if impl == "ours":
             run = lambda: greedy(model, prompt, opts.new_tokens)
-        else:  # min_new_tokens: never stop early at an end-of-sequence token; ours doesn't either
+        else:  # no end-of-sequence token (see theirs_never_stop): both decode every token
             run = lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                         max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens,
-                                         pad_token_id=0)[:, opts.prompt_len :]
+                                         max_new_tokens=opts.new_tokens, pad_token_id=0)[:, opts.prompt_len :]
         run = torch.inference_mode()(run)
+    elif task == "sample8":
+        import sample
+
+        prompt = prompts(opts, 8, model_name, vocab, device)  # the same prompts as decode8
+        n_tokens = 8 * opts.new_tokens
+        settings = sample.Options(max_new_tokens=opts.new_tokens)  # sample.py's defaults
+        if impl == "ours":  # ends=None: no reply stops early; theirs has no end-of-sequence token either
+            run = lambda: sample.generate_ids(model, prompt.tolist(), settings)
+        else:
+            torch.manual_seed(0)
+            kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                      repetition_penalty=settings.repetition_penalty, pad_token_id=0)
+            run = lambda: model.generate(**kw, max_new_tokens=opts.new_tokens)
+        extra["first_step"] = first_step_distribution(impl, model, prompt, settings, spec["dump"])
     else:
         tokens, weights, n_tokens = sft_batch(opts, model_name, vocab, device)
         run = step_fn(impl, model, tokens, weights, device)
@@ -228,7 +275,7 @@ def measure(spec: dict) -> dict:
         if task == "sft" and i == 0:
             extra["first_loss"] = out  # both adapters start as a no-op: the base model's loss
         if task.startswith("decode") and i == 0:
-            extra["tokens"] = out[0, :16].tolist()  # to check both sides decoded the same
+            extra["tokens"] = out.tolist()  # every new token of every row: both sides must decode the same
     seconds = []
     for _ in range(opts.repeats):
         sync(device)
@@ -237,6 +284,26 @@ def measure(spec: dict) -> dict:
         sync(device)
         seconds.append(time.perf_counter() - t)
     return {"n_tokens": n_tokens, "seconds": seconds, "peak_mib": (peak(device) - base) / 2**20, **extra}
+
+
+@torch.inference_mode()
+@torch.inference_mode()
+def first_step_distribution(impl, model, prompt, settings, path) -> str:
+    """Write the distribution the first new token of each prompt is sampled from, as log-probs (B, V),
+    to path: ours through sample.py's own penalty and warpers, theirs as generate's processed scores."""
+    if impl == "ours":
+        import sample
+
+        logits = sample.penalize(model(prompt)[:, -1].float(), prompt, settings.repetition_penalty)
+        logp = sample.sampling_logprobs(logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p)
+    else:
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                             repetition_penalty=settings.repetition_penalty, pad_token_id=0, max_new_tokens=1,
+                             output_scores=True, return_dict_in_generate=True)
+        logp = out.scores[0].float().log_softmax(-1)
+    save_file({"logprobs": logp.cpu().contiguous()}, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,7 +361,8 @@ def bench(opts: Options) -> dict:
             row = {"model": model_name, "device": device, "task": task}
             for r in range(opts.rounds):
                 for impl in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
-                    spec = {"model": model_name, "device": device, "task": task, "impl": impl,
+                    dump = str(Path(opts.out).with_name(f".{task}_{impl}_{model_name}.safetensors"))
+                    spec = {"model": model_name, "device": device, "task": task, "impl": impl, "dump": dump,
                             "options": {**asdict(opts), "worker": ""}}
                     print(f"{model_name} {device} {task}: {impl} (round {r + 1})...", file=sys.stderr, flush=True)
                     result = run_worker(spec)
@@ -304,7 +372,20 @@ def bench(opts: Options) -> dict:
                     row[impl] = result
                     row[impl]["tokens_per_s"] = row[impl]["n_tokens"] / statistics.median(row[impl]["seconds"])
             row["ratio"] = row["ours"]["tokens_per_s"] / row["theirs"]["tokens_per_s"]
+            for impl in ("ours", "theirs"):
+                times = row[impl]["seconds"]
+                row[impl]["best_tokens_per_s"] = row[impl]["n_tokens"] / min(times)
+                row[impl]["spread"] = (max(times) - min(times)) / min(times)
+            if task == "sample8":  # the same distribution on both sides, and our cost of sampling over greedy
+                p, q = (load_file(row[impl]["first_step"])["logprobs"].exp() for impl in ("ours", "theirs"))
+                row["first_step_tv"] = 0.5 * (p - q).abs().sum(-1).max().item()
+                for impl in ("ours", "theirs"):
+                    Path(row[impl].pop("first_step")).unlink()
             results["rows"].append(row)
+        greedy8 = next((r for r in results["rows"] if r["model"] == model_name and r["task"] == "decode8"), None)
+        for row in results["rows"]:
+            if row["model"] == model_name and row["task"] == "sample8" and greedy8:
+                row["of_greedy8"] = row["ours"]["tokens_per_s"] / greedy8["ours"]["tokens_per_s"]
     if cuda:
         dev = torch.device("cuda")
         bw, flops = copy_bandwidth(dev), matmul_flops(dev)
@@ -334,26 +415,38 @@ def mistral_7b_params() -> dict:
 
 def markdown(r: dict) -> str:
     o = r["options"]
-    out = [f"{r['device']}, torch {r['torch']}; median of {o['rounds']} x {o['repeats']} runs, each process "
-           f"after {o['warmup']} warm-up", "",
-           "| model | measurement | ours tok/s | theirs tok/s | ours/theirs | ours peak MiB | theirs peak MiB |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    names = {"prefill": f"prefill ({r['options']['prefill_len']} tokens)",
-             "decode1": f"decode, batch 1 ({r['options']['new_tokens']} tokens)",
-             "decode8": f"decode, batch 8 ({r['options']['new_tokens']} tokens each)",
-             "sft": f"LoRA step ({r['options']['sft_batch']} examples)"}
+    out = [f"{r['device']}, torch {r['torch']}; median (and fastest) of {o['rounds']} x {o['repeats']} runs, "
+           f"each process after {o['warmup']} warm-up", "",
+           "| model | measurement | ours tok/s | theirs tok/s | ours/theirs | ours fastest | theirs fastest | "
+           "ours peak MiB | theirs peak MiB |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    names = {"prefill": f"prefill ({o['prefill_len']} tokens)",
+             "decode1": f"decode, batch 1 ({o['new_tokens']} tokens)",
+             "decode8": f"decode, batch 8 ({o['new_tokens']} tokens each)",
+             "sample8": f"sample, batch 8 ({o['new_tokens']} tokens each)",
+             "sft": f"LoRA step ({o['sft_batch']} examples)"}
     for row in r["rows"]:
-        o, t = row["ours"], row["theirs"]
-        out.append(f"| {row['model']} | {names[row['task']]} | {o['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
-                   f"{row['ratio']:.2f}x | {o['peak_mib']:.0f} | {t['peak_mib']:.0f} |")
+        ours, theirs = row["ours"], row["theirs"]
+        out.append(f"| {row['model']} | {names[row['task']]} | {ours['tokens_per_s']:.1f} | {theirs['tokens_per_s']:.1f} | "
+                   f"{row['ratio']:.2f}x | {ours['best_tokens_per_s']:.1f} | {theirs['best_tokens_per_s']:.1f} | "
+                   f"{ours['peak_mib']:.0f} | {theirs['peak_mib']:.0f} |")
     notes = []
     for row in r["rows"]:
+        name = f"{row['model']} {row['task']}"
+        for impl in ("ours", "theirs"):
+            if row[impl]["spread"] > SPREAD:
+                notes.append(f"{name}: {impl} runs spread by {row[impl]['spread']:.0%} (fastest to slowest): "
+                             "the machine was disturbed; rerun before trusting this row")
         if "tokens" in row["ours"]:
             same = row["ours"]["tokens"] == row["theirs"]["tokens"]
-            notes.append(f"{row['model']} {row['task']}: the first 16 decoded tokens are "
-                         f"{'the same' if same else 'NOT the same'} on both sides")
+            notes.append(f"{name}: every decoded token of every row is {'the same' if same else 'NOT the same'} "
+                         "on both sides")
+        if "first_step_tv" in row:
+            notes.append(f"{name}: the first step's sampling distributions differ by total variation "
+                         f"{row['first_step_tv']:.1e} (max over rows); ours samples at {row['of_greedy8']:.0%} of "
+                         "our greedy batch-8 rate")
         if "first_loss" in row["ours"]:
-            notes.append(f"{row['model']} sft: first-step loss ours {row['ours']['first_loss']:.5f}, "
+            notes.append(f"{name}: first-step loss ours {row['ours']['first_loss']:.5f}, "
                          f"theirs {row['theirs']['first_loss']:.5f}")
         if "of_bound" in row:
             notes.append(f"{row['model']} decode batch 1: {row['of_bound']:.0%} of the memory-bandwidth bound "

@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -35,24 +35,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import lora
 import sample
 import sft
-from model import BadInput, exit_on_bad_input, parse_options, token_logprobs
-from prep import encode_example, load_pair, one_line, sessions, tag
+from cli import BadInput, exit_on_bad_input, parse_options
+from model import capture, pad, scored_logprobs
+from prep import encode_example, load_pair, one_line, split_sessions, tag
 
 
 @dataclass
 class Options:
-    data: Annotated[str, "chat history: canonical JSONL or any export prep.py reads"] = sft.Options.data
-    adapter: Annotated[str, "adapter directory from sft.py"] = "out/adapter"
+    adapter: Annotated[str, "adapter directory from sft.py"] = sft.ADAPTER
+    data: Annotated[str, "chat history (default: the data the adapter was trained on)"] = ""
     speaker: Annotated[str, "whose messages are simulated and scored: a tag from the data, e.g. FRIEND"] = "FRIEND"
     model: Annotated[str, "base model (default: the one the adapter was trained on)"] = ""
-    # The split and the short context must be the ones the adapter was trained with: sft.py's defaults.
-    context_messages: Annotated[int, "short context: at most this many earlier messages of the session"] = \
-        sft.Options.context_messages
-    session_gap_hours: Annotated[float, "a silence this long starts a new session"] = sft.Options.session_gap_hours
-    val_frac: Annotated[float, "fraction of sessions (the latest) held out"] = sft.Options.val_frac
+    # The split, the short context and the example length are the adapter's (its training.json), so the
+    # held-out sessions are the ones it never saw and its examples are built as in training.
+    context_messages: Annotated[int | None, "short context: at most this many earlier messages of the "
+                                            "session (default: as the adapter was trained)"] = None
+    session_gap_hours: Annotated[float | None, "a silence this long starts a new session (default: as the "
+                                               "adapter was trained)"] = None
+    val_frac: Annotated[float | None, "fraction of sessions (the latest) held out (default: as the adapter "
+                                      "was trained)"] = None
+    max_len: Annotated[int | None, "tokens per short-context example (default: as the adapter was trained)"] = None
     long_context: Annotated[int, "long context: tokens of history per forward; 0 = the model's window"] = 0
     max_messages: Annotated[int, "score the speaker's latest N held-out messages (and the messages between "
                                  "them); 0 = all"] = 200
@@ -60,7 +66,7 @@ class Options:
     samples: Annotated[int, "replies sampled from each model, prompts spread over the held-out messages"] = 64
     seed: Annotated[int, "seed for sampling and the judge's reply order"] = 0
     out: Annotated[str, "JSON results (the length histogram goes next to it)"] = "out/eval.json"
-    judge_model: Annotated[str, "an AI judge through an OpenAI-compatible API; empty = no judge"] = ""
+    judge_model: Annotated[str, "an AI judge through an OpenAI-compatible API (default: no judge)"] = ""
     judge_base_url: Annotated[str, "the judge's API"] = "https://api.openai.com/v1"
     judge_key_env: Annotated[str, "environment variable that holds the judge's API key"] = "OPENAI_API_KEY"
     judge_cache: Annotated[str, "the judge's answers, one JSON line each: a rerun pays for none twice"] = \
@@ -71,19 +77,6 @@ class Options:
 # (each is scored after 8 messages of context, as trained: ~480k tokens per model for (a) and (c) alone),
 # so a CPU scores the latest 200 (~10 minutes); a GPU scores them all.
 GPU_DEFAULTS = dict(max_messages=0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The held-out split: the same as prep.build_examples (and so sft.py's validation loss) uses.
-
-def split_sessions(messages, gap_hours, val_frac):
-    """(training sessions, held-out sessions): the latest max(1, round(val_frac * n)) are held out."""
-    split = sessions(messages, gap_hours)
-    n_val = max(1, round(val_frac * len(split)))
-    if len(split) - n_val < 1:
-        raise BadInput(f"only {len(split)} session(s): need at least two, one trained on and one held out "
-                       f"(sessions split at gaps of {gap_hours} hours; try a larger --session-gap-hours)")
-    return split[:-n_val], split[-n_val:]
 
 
 @dataclass
@@ -125,11 +118,12 @@ def branch(tag_ids: dict) -> int:
 
 
 @torch.inference_mode()
-def short_context(model, tok, held_out, tags, speaker_tag, context_messages, batch_size, start=(0, 0),
+def short_context(model, tok, held_out, tags, speaker_tag, context_messages, max_len, batch_size, start=(0, 0),
                   desc="short context"):
     """Score every held-out message of speaker_tag from key start on, after the up to context_messages
-    messages before it in its session (as prep.encode_example tokenises a training example), and
-    predict at every position i >= 1 from start on which of the two people writes message i."""
+    messages before it in its session (as prep.encode_example tokenises a training example, cut to
+    max_len), and predict at every position i >= 1 from start on which of the two people writes
+    message i."""
     tag_ids = {t: tok.encode(t, start=False) for t in tags.values()}
     b = branch(tag_ids)
     rows = []  # (key, tokens, loss mask, the position whose logits choose the next tag, or None)
@@ -139,8 +133,7 @@ def short_context(model, tok, held_out, tags, speaker_tag, context_messages, bat
             if (s, i) < start or (not target and i == 0):
                 continue  # not scored, or nothing to score and nobody to predict before a session's first message
             k = min(context_messages, i)
-            # The example's length cap is sft.py's (context is dropped from the oldest to fit), as in training.
-            tokens, mask, _, _ = encode_example(tok, session[i - k : i], m, tags, sft.Options.max_len)
+            tokens, mask, _, _ = encode_example(tok, session[i - k : i], m, tags, max_len)
             n = mask.index(True) if True in mask else len(tokens)  # where the text after the tag begins
             choose = None  # the position whose logits predict the branch token
             if i >= 1:  # the tag follows a newline, so it is tokenised as tag_ids holds it
@@ -155,28 +148,23 @@ def short_context(model, tok, held_out, tags, speaker_tag, context_messages, bat
     candidates = torch.tensor([ids[b] for ids in tag_ids.values()])  # the two branch tokens
     names = list(tag_ids)
     device = model.embed_tokens.weight.device
+    final = f"resid.{model.cfg.n_layers}"  # the stream before the final norm: norm + unembed = the logits
     scores = Scores()
     rows.sort(key=lambda r: len(r[1]))  # similar lengths share a batch: little padding
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        batch = rows[start : start + batch_size]
-        T = max(len(r[1]) for r in batch)
-        # Right padding needs no attention mask: causal attention never looks ahead (see sft.collate).
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        weights = torch.zeros(len(batch), T)
-        for j, (_, ids, mask, _) in enumerate(batch):
-            tokens[j, : len(ids)] = torch.tensor(ids)
-            weights[j, : len(ids)] = torch.tensor(mask, dtype=torch.float)
-        tokens, weights = tokens.to(device), weights.to(device)
-        h = model(tokens, unembed=False)  # (B, T, D)
-        scored = weights[:, 1:] > 0  # (B, T-1): the stream at t predicts token t + 1
-        row = scored.nonzero()[:, 0]  # (N,): the sequence each scored token belongs to
-        nll_tok = -token_logprobs(model.unembed(h[:, :-1][scored]), tokens[:, 1:][scored])  # (N,)
+    for first in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = rows[first : first + batch_size]
+        tokens, _ = pad([ids for _, ids, _, _ in batch], device=device)
+        scored = pad([mask for _, _, mask, _ in batch], device=device)[0].bool()  # (B, T): the target's tokens
+        acts = {}
+        nll_tok = -scored_logprobs(model, tokens, scored, hooks=capture(acts, final))  # (N,)
+        row = scored[:, 1:].nonzero()[:, 0]  # (N,): the sequence each scored token belongs to
         nll = torch.zeros(len(batch), device=device).index_add_(0, row, nll_tok)  # (B,)
         for j, (key, _, mask, choose) in enumerate(batch):
             if any(mask):
                 scores.nll[key] = (nll[j].item(), sum(mask))
             if choose is not None:
-                scores.next_tag[key] = names[int(model.unembed(h[j, choose])[candidates.to(device)].argmax())]
+                logits = model.unembed(model.norm(acts[final][j, choose]))
+                scores.next_tag[key] = names[int(logits[candidates.to(device)].argmax())]
     return scores
 
 
@@ -247,10 +235,9 @@ def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget
                 break
             first += 1
         tokens = tokens[:budget]  # only a single message longer than the whole budget is cut
-        lo = max(1, spans[c][0])  # score from the chunk on; logits at t - 1 predict token t
-        ids = torch.tensor([tokens], device=device)
-        h = model(ids, unembed=False)[:, lo - 1 : -1]  # (1, T - lo, D): only the chunk's predictions are needed
-        nll = -token_logprobs(model.unembed(h), ids[:, lo:])[0]  # (T - lo,)
+        lo = max(1, spans[c][0])  # score from the chunk on: only the chunk's predictions are needed
+        scored = torch.arange(len(tokens), device=device)[None] >= lo  # (1, T)
+        nll = -scored_logprobs(model, torch.tensor([tokens], device=device), scored)  # (T - lo,)
         for g in range(c, e):
             a, z = spans[g][0], min(spans[g][1], len(tokens))
             if tags[stream[g].speaker] == speaker_tag and z > a:
@@ -277,7 +264,7 @@ def next_speaker_accuracy(scores: Scores, held_out, tags) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Sampled replies.
 
-def sample_prompts(tok, held_out, tags, speaker_tag, context_messages, n, start=(0, 0)):
+def sample_prompts(tok, held_out, tags, speaker_tag, context_messages, max_len, n, start=(0, 0)):
     """n prompts (short context, as in training) evenly spread over the held-out messages of
     speaker_tag from key start on: [(context lines, prompt text ending in the tag, the real reply)]."""
     targets = [(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
@@ -286,18 +273,16 @@ def sample_prompts(tok, held_out, tags, speaker_tag, context_messages, n, start=
     for j in range(min(n, len(targets))):
         s, i = targets[j * len(targets) // min(n, len(targets))]
         k = min(context_messages, i)
-        _, _, text, cut = encode_example(tok, held_out[s][i - k : i], held_out[s][i], tags, sft.Options.max_len)
+        _, _, text, cut = encode_example(tok, held_out[s][i - k : i], held_out[s][i], tags, max_len)
         out.append((text[:cut].splitlines()[:-1], text[:cut], one_line(held_out[s][i].text)))
     return out
 
 
 def simulate(model, tok, prompts: list[str], seed: int, batch_size: int, desc="sampling") -> list[str]:
-    """One reply per prompt with sample.py's default sampling (as its reply mode: no n-gram blocking,
-    which is for --loop), in seeded batches."""
-    opts = replace(sample.Options(), no_repeat_ngram=0)
+    """One reply per prompt with sample.py's default sampling, in seeded batches."""
     replies = []
     for j in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        replies += sample.generate(model, tok, prompts[j : j + batch_size], replace(opts, seed=seed + j))
+        replies += sample.generate(model, tok, prompts[j : j + batch_size], sample.Options(seed=seed + j))
     return replies
 
 
@@ -318,11 +303,7 @@ def reply_stats(replies: list[str], training_texts: set) -> dict:
 
 
 def plot_lengths(replies: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = cli.pyplot()
     lengths = {name: [len(r.split()) for r in texts] for name, texts in replies.items()}
     top = max(max(v, default=0) for v in lengths.values())
     bins = np.arange(0, top + 2) - 0.5  # one bin per word count
@@ -331,10 +312,7 @@ def plot_lengths(replies: dict, path: Path):
         ax.hist(values, bins=bins, histtype="step", lw=1.5, label=f"{name} (mean {np.mean(values):.1f})")
     ax.set(xlabel="reply length (words)", ylabel="replies", title="Held-out replies: real and sampled")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    cli.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,19 +390,21 @@ def judge(items, speaker_tag, model_name, base_url, key_env, cache_path, seed) -
 
 def evaluate(opts: Options) -> dict:
     t0 = time.time()
-    messages, _ = load_pair(opts.data)
+    tuned = sft.load_tuned(opts.adapter, opts.model)
+    model, tok = tuned.model, tuned.tok
+    data = sft.data_settings(tuned.training, opts)
+    messages, _ = load_pair(data.data)
     tags = {s: tag(s) for s in dict.fromkeys(m.speaker for m in messages)}
     speaker_tag = tag(opts.speaker)
     if speaker_tag not in tags.values():
-        raise BadInput(f"--speaker {opts.speaker}: no {speaker_tag} in {opts.data}; its tags are "
+        raise BadInput(f"--speaker {opts.speaker}: no {speaker_tag} in {data.data}; its tags are "
                        f"{', '.join(tags.values())}")
-    train_sessions, held_out = split_sessions(messages, opts.session_gap_hours, opts.val_frac)
+    train_sessions, held_out = split_sessions(messages, data.session_gap_hours, data.val_frac)
     n_targets = sum(tags[m.speaker] == speaker_tag for s in held_out for m in s)
     if not n_targets:
-        raise BadInput(f"the held-out sessions (the latest {len(held_out)}) of {opts.data} have no "
+        raise BadInput(f"the held-out sessions (the latest {len(held_out)}) of {data.data} have no "
                        f"{speaker_tag} message to score; try a larger --val-frac")
     start = first_scored(held_out, tags, speaker_tag, opts.max_messages)
-    model, tok, base_name = sample.load_adapted(opts.adapter, opts.model)
     budget = opts.long_context or model.cfg.max_seq_len
     seconds = {}
 
@@ -437,7 +417,8 @@ def evaluate(opts: Options) -> dict:
     # Samples and the judge first: a judge failure (exit 2) then costs no scoring time.
     result = {"samples": None, "judge": None}
     if opts.samples:
-        items = sample_prompts(tok, held_out, tags, speaker_tag, opts.context_messages, opts.samples, start)
+        items = sample_prompts(tok, held_out, tags, speaker_tag, data.context_messages, data.max_len, opts.samples,
+                               start)
         prompts = [p for _, p, _ in items]
         with lora.disabled(model):
             base_replies = timed("sample base", lambda: simulate(model, tok, prompts, opts.seed, opts.batch_size,
@@ -455,8 +436,8 @@ def evaluate(opts: Options) -> dict:
     elif opts.judge_model:
         raise BadInput("--judge-model needs sampled replies: --samples must be above 0")
 
-    short = lambda desc: short_context(model, tok, held_out, tags, speaker_tag, opts.context_messages,
-                                       opts.batch_size, start, desc)
+    short = lambda desc: short_context(model, tok, held_out, tags, speaker_tag, data.context_messages,
+                                       data.max_len, opts.batch_size, start, desc)
     long = lambda desc: long_context(model, tok, train_sessions + held_out, len(held_out), tags, speaker_tag,
                                      budget, start, desc)
     with lora.disabled(model):  # the base model: the same weights with the adapter switched off
@@ -472,10 +453,10 @@ def evaluate(opts: Options) -> dict:
         nll[key] = {"model": model_name, "context": context, "messages": len(scores.nll),
                     "tokens": sum(t for _, t in scores.nll.values()), "nll": x, "perplexity": float(np.exp(x))}
     result = {
-        "settings": {**asdict(opts), "model": base_name, "speaker": speaker_tag, "long_context": budget,
-                     "held_out_sessions": len(held_out), "held_out_messages": n_targets,
-                     "messages": len(a.nll), "first_scored": list(start),
-                     "sampling": asdict(replace(sample.Options(), no_repeat_ngram=0))},
+        "settings": {**asdict(opts), **asdict(data), "model": tuned.base_model, "adapter": tuned.adapter,
+                     "speaker": speaker_tag, "long_context": budget, "held_out_sessions": len(held_out),
+                     "held_out_messages": n_targets, "messages": len(a.nll), "first_scored": list(start),
+                     "sampling": sample.sampling_settings(sample.Options())},
         "nll": nll,
         "next_speaker": {"base": next_speaker_accuracy(a, held_out, tags),
                          "fine-tuned": next_speaker_accuracy(c, held_out, tags)},

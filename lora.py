@@ -29,7 +29,6 @@ Shapes: in / out the wrapped projection's input / output features, r the rank.
 """
 import json
 import math
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import BadInput
+from cli import BadInput, write_atomically
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -189,26 +188,45 @@ def peft_keys(model) -> dict[str, nn.Parameter]:
             for name, m in lora_modules(model).items() for ab in ("lora_A", "lora_B")}
 
 
-def write_atomically(path: Path, write):
-    # Write a temporary file and rename it over the target: a run killed mid-save (training checkpoints
-    # save often) leaves the previous file intact instead of a truncated one.
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+# Next to the adapter, sft.py writes the options it trained with (plain JSON), so that a later stage
+# builds its examples, context and split exactly as training did, instead of from anyone's defaults.
+TRAINING = "training.json"
 
 
-def save_adapter(model, out_dir, base_model: str):
-    """adapter_config.json + adapter_model.safetensors, exactly as PEFT's save_pretrained writes them."""
+def save_adapter(model, out_dir, base_model: str, training: dict | None = None):
+    """adapter_config.json + adapter_model.safetensors, exactly as PEFT's save_pretrained writes them,
+    and training.json if training (the options it was trained with) is given."""
+    s = adapter_settings(model)
+    tensors = {key: p.detach().contiguous() for key, p in peft_keys(model).items()}
+    write_peft(out_dir, tensors, base_model, s["r"], s["alpha"], s["dropout"], s["targets"], s["rslora"], training)
+
+
+def write_peft(out_dir, tensors, base_model, r, alpha, dropout, targets, rslora, training=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    s = adapter_settings(model)
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model, r=s["r"],
-                  lora_alpha=s["alpha"], lora_dropout=s["dropout"], target_modules=s["targets"],
-                  use_rslora=s["rslora"], bias="none", fan_in_fan_out=False, inference_mode=True,
-                  init_lora_weights=True, modules_to_save=None, use_dora=False)
-    tensors = {key: p.detach().contiguous() for key, p in peft_keys(model).items()}
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model, r=r,
+                  lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(targets), use_rslora=rslora,
+                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  modules_to_save=None, use_dora=False)
     write_atomically(out_dir / "adapter_model.safetensors", lambda p: save_file(tensors, p, METADATA))
     write_atomically(out_dir / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    if training is not None:
+        write_atomically(out_dir / TRAINING, lambda p: p.write_text(json.dumps(training, indent=2)))
+
+
+def read_training(adapter_dir) -> dict | None:
+    """The options the adapter was trained with (training.json), or None for an adapter without one
+    (from PEFT, or from before sft.py wrote it)."""
+    path = Path(adapter_dir) / TRAINING
+    if not path.exists():
+        return None
+    try:
+        training = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(training, dict):
+        raise BadInput(f"{path}: expected a JSON object of training options")
+    return training
 
 
 def load_adapter(model, adapter_dir) -> dict:
@@ -249,6 +267,57 @@ def load_adapter(model, adapter_dir) -> dict:
                                    f"expected {list(p.shape)}")
                 p.copy_(t)  # to the adapter's fp32 and device
     return config
+
+
+# The fine-tuned model as a frozen base (RLAIF and PPO): fold the first adapter into the weights and
+# train a fresh one on top. Then `disabled` switches off only the new adapter and gives the fine-tuned
+# model, the reference a KL penalty must hold the policy to; continuing the first adapter instead would
+# make "disabled" the original base. One copy of the weights either way.
+
+def fold(model):
+    """Fold every adapter into its base weight for good and unwrap it, in place: the model then
+    computes what the adapted model computed, with no LoRA modules left, so add_lora can put a fresh
+    adapter on top. (merge() keeps the module, to unmerge later; fold is one-way.)"""
+    for name, m in lora_modules(model).items():
+        if not m.enabled:
+            raise RuntimeError("cannot fold a disabled adapter: the result would not be the model in use")
+        with torch.no_grad():
+            m.base_layer.weight.copy_(m.merged_weight())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, m.base_layer)
+    return model
+
+
+def save_stacked(model, first_dir, out_dir):
+    """One PEFT adapter that computes base + first adapter + model's adapter, for a model whose first
+    adapter (saved in first_dir) was folded in and a second one added on top. The two stack along the
+    rank: A = [A1; A2] (r1 + r2, in), B = [s1 B1, s2 B2] (out, r1 + r2) and scale 1 (alpha = r1 + r2,
+    no rsLoRA), so B A = s1 B1 A1 + s2 B2 A2 exactly. A module only one of them adapts gets zeros in
+    the other's rows. Its training.json is the first adapter's (the data the simulation learned)."""
+    first_dir = Path(first_dir)
+    first_config = json.loads((first_dir / "adapter_config.json").read_text())
+    r1, s1 = first_config["r"], first_config["lora_alpha"] / (
+        math.sqrt(first_config["r"]) if first_config.get("use_rslora") else first_config["r"])
+    with safe_open(str(first_dir / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
+        first = {k: f.get_tensor(k).float() for k in f.keys()}
+    second = {key: p.detach().float().cpu() for key, p in peft_keys(model).items()}
+    s2 = adapter_settings(model)
+    r2 = s2["r"]
+    scale2 = s2["alpha"] / (math.sqrt(r2) if s2["rslora"] else r2)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in first} | {k.rsplit(".lora_", 1)[0] for k in second})
+    tensors = {}
+    for name in modules:
+        a1, b1 = first.get(f"{name}.lora_A.weight"), first.get(f"{name}.lora_B.weight")
+        a2, b2 = second.get(f"{name}.lora_A.weight"), second.get(f"{name}.lora_B.weight")
+        d_in = (a1 if a1 is not None else a2).shape[1]
+        d_out = (b1 if b1 is not None else b2).shape[0]
+        a1, b1 = (torch.zeros(r1, d_in), torch.zeros(d_out, r1)) if a1 is None else (a1, b1 * s1)
+        a2, b2 = (torch.zeros(r2, d_in), torch.zeros(d_out, r2)) if a2 is None else (a2, b2 * scale2)
+        tensors[f"{name}.lora_A.weight"] = torch.cat([a1, a2]).contiguous()  # (r1 + r2, in)
+        tensors[f"{name}.lora_B.weight"] = torch.cat([b1, b2], dim=1).contiguous()  # (out, r1 + r2)
+    targets = {name.rpartition(".")[2] for name in modules}
+    write_peft(out_dir, tensors, first_config["base_model_name_or_path"], r1 + r2, r1 + r2, 0.0, targets, False,
+               read_training(first_dir))
 
 
 def export_merged(model, base_dir, out_dir):

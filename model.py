@@ -1,8 +1,8 @@
 """Mistral-7B, written out by hand: the one forward pass every stage of this project runs through.
 
 Read top to bottom: config -> RMSNorm -> rotary embeddings -> attention (grouped-query, sliding window,
-KV cache) -> SwiGLU MLP -> decoder block -> the model with residual-stream hooks -> tokenizers ->
-loading (a local directory, the Hugging Face Hub, or the embedded SmolLM2-135M).
+KV cache) -> SwiGLU MLP -> decoder block -> the model with residual-stream hooks -> scoring chosen
+tokens -> tokenizers -> loading (a local directory, the Hugging Face Hub, or the embedded SmolLM2-135M).
 
     python model.py --prompt "The capital of France is"                 # embedded model, CPU
     python model.py --model mistralai/Mistral-7B-v0.1 --prompt "Hi"     # needs the Hub and a GPU
@@ -11,13 +11,12 @@ Mistral-7B: https://arxiv.org/abs/2310.06825. Llama-family checkpoints (SmolLM2)
 without a sliding window and, optionally, with the output matrix tied to the embedding.
 
 Shapes: B batch, T new tokens, S keys (cached + new), D model dim, H query heads, K kv heads,
-Hd head dim, F MLP hidden dim, V vocab.
+Hd head dim, F MLP hidden dim, V vocab, N scored tokens.
 """
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import sentencepiece
 import tokenizers
@@ -27,40 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import safe_open
 
-
-class BadInput(Exception):
-    """Something the user gave us is wrong (a path, a file, a flag). Scripts print it and exit 2."""
-
-
-def parse_options(cls, gpu_defaults=None, argv=None, doc=None):
-    """A script's options dataclass -> its command line: one flag per field, with the help and default
-    stated once, in the dataclass (`field: Annotated[type, "help"] = default`). gpu_defaults replace
-    the defaults the user didn't give when a GPU is present."""
-    import typing
-
-    p = argparse.ArgumentParser(description=doc or sys.modules[cls.__module__].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    gpu_defaults = gpu_defaults or {}
-    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
-        kind, help_ = hint.__origin__, hint.__metadata__[0]
-        default = cls.__dataclass_fields__[name].default
-        gpu = f"; on a GPU: {gpu_defaults[name]}" if name in gpu_defaults else ""
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help_)
-        else:
-            p.add_argument(flag, type=kind, default=None, help=f"{help_} (default: {default}{gpu})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return cls(**{**(gpu_defaults if torch.cuda.is_available() else {}), **given})
-
-
-def exit_on_bad_input(main):
-    """Run a script's main(); a BadInput becomes one sentence on stderr and exit status 2."""
-    try:
-        main()
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+from cli import BadInput, exit_on_bad_input, parse_options
 
 
 @dataclass(frozen=True)
@@ -359,8 +325,38 @@ def add(vector, alpha=1.0):
 
 
 def token_logprobs(logits, targets):
-    """log p(targets) under logits: (B, T, V), (B, T) -> (B, T), in fp32. Shared by SFT, eval, PPO."""
+    """log p(targets) under logits: (..., V), (...) -> (...), in fp32."""
     return torch.gather(logits.float().log_softmax(-1), -1, targets[..., None]).squeeze(-1)
+
+
+# Batches of token lists, and scoring chosen tokens: shared by SFT's loss, evaluation, attribution,
+# steering, the reward model and PPO.
+def pad(rows: list[list[int]], left=False, device=None):
+    """Token lists -> tokens (B, T) and mask (B, T) bool (True = a real token), padded with 0, on device.
+    Right padding (the default) needs no attention mask: causal attention never looks ahead, so pads
+    after a sequence are invisible to it. Left padding ends every row at the last position, as
+    decoding wants; pass the mask to forward, which then gives each row its unpadded positions."""
+    T = max(len(row) for row in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        span = slice(T - len(row), T) if left else slice(0, len(row))
+        tokens[b, span], mask[b, span] = torch.tensor(row, dtype=torch.long), True
+    return tokens.to(device), mask.to(device)
+
+
+def scored_logprobs(model, tokens, scored, mask=None, hooks=None, checkpoint=False, temperature=1.0):
+    """log p(token | the tokens before it), in fp32, for every token marked in scored (B, T) bool:
+    (N,), in the row-major order of scored's True entries (scored[:, 1:].nonzero() tells each one's
+    row and place). One forward with unembed=False over tokens[:, :-1]; only the N positions that
+    predict a scored token are unembedded, never the (B, T, V) logits, which for a small model with a
+    large vocabulary are most of the memory and a fifth of the work. temperature divides the logits,
+    as sampling at that temperature does (PPO must score under the distribution it sampled from)."""
+    h = model(tokens[:, :-1], mask=None if mask is None else mask[:, :-1], hooks=hooks, checkpoint=checkpoint,
+              unembed=False)  # (B, T-1, D): the stream at t predicts token t + 1
+    pick = scored[:, 1:]
+    unembed = getattr(model, "module", model).unembed  # DistributedDataParallel wraps our model as .module
+    return token_logprobs(unembed(h[pick]) / temperature, tokens[:, 1:][pick])  # (N,)
 
 
 # Tokenizers: one small interface (encode, decode, bos_id, eos_id) over two libraries.
@@ -496,16 +492,19 @@ def greedy(model: Mistral, tokens, max_new_tokens: int, stop=None):
     return new
 
 
+@dataclass
+class Options:
+    model: Annotated[str, "smollm2-135m (embedded), a local HF directory, or a Hub id"] = "smollm2-135m"
+    prompt: Annotated[str, "text to continue"] = "The capital of France is"
+    max_new_tokens: Annotated[int, "tokens to add"] = 30
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or Hub id")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    args = p.parse_args()
-    model, tok = load_model(args.model)
-    ids = tok.encode(args.prompt)
+    opts = parse_options(Options)
+    model, tok = load_model(opts.model)
+    ids = tok.encode(opts.prompt)
     # Decode prompt and continuation together: SentencePiece drops the space that starts a piece.
-    new = greedy(model, torch.tensor([ids]), args.max_new_tokens, stop=lambda new: new[0, -1] == tok.eos_id)
+    new = greedy(model, torch.tensor([ids]), opts.max_new_tokens, stop=lambda new: new[0, -1] == tok.eos_id)
     print(tok.decode(ids + new[0].tolist()))
 
 

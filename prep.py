@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model import BadInput, exit_on_bad_input
+from cli import BadInput, exit_on_bad_input, write_atomically
 
 # Importers: every chat export becomes one list of Messages plus a Counter of what was dropped and why.
 # Nothing is skipped silently: a photo, a "Missed voice call" or a deleted message is counted under a
@@ -71,13 +71,14 @@ def read_export(path: str | Path, fmt: str | None = None) -> tuple[list[Message]
 
 
 def write_jsonl(messages, path) -> None:
-    """Messages -> the canonical JSONL that read_export(path) reads back exactly."""
-    with open(path, "w", encoding="utf-8") as f:
-        for m in messages:
-            row = {"time": m.time.isoformat(), "speaker": m.speaker, "text": m.text}
-            if m.conversation is not None:
-                row["conversation"] = m.conversation
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Messages -> the canonical JSONL that read_export(path) reads back exactly (written atomically)."""
+    rows = []
+    for m in messages:
+        row = {"time": m.time.isoformat(), "speaker": m.speaker, "text": m.text}
+        if m.conversation is not None:
+            row["conversation"] = m.conversation
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomically(path, lambda tmp: Path(tmp).write_text("".join(rows), encoding="utf-8"))
 
 
 def _detect_format(path: Path) -> str:
@@ -563,6 +564,18 @@ def sessions(messages, gap_hours=3.0):
     return sorted(out, key=lambda session: session[0].time)
 
 
+def split_sessions(messages, gap_hours=3.0, val_frac=0.1):
+    """(training sessions, held-out sessions): the latest max(1, round(val_frac * n)) sessions by time
+    are held out. The one split of the project: sft.py validates on it, and eval.py, tda.py and the
+    RL stages keep to its training side or its held-out side."""
+    split = sessions(messages, gap_hours)
+    n_val = max(1, round(val_frac * len(split)))
+    if len(split) - n_val < 1:
+        raise BadInput(f"only {len(split)} session(s): need at least two, one to train on and one held out "
+                       f"(sessions split at gaps of {gap_hours} hours; try a larger --session-gap-hours)")
+    return split[:-n_val], split[-n_val:]
+
+
 @dataclass
 class Example:
     tokens: list[int]
@@ -570,6 +583,8 @@ class Example:
     weight: float  # recency weight (1.0 unless asked for)
     text: str  # the rendered example: context lines, then the target's line
     cut: int  # text[:cut] is the prompt (ending in the target's tag), text[cut:] the reply
+    session: int  # the target is message `index` of session `session` of its side of split_sessions
+    index: int
 
 
 def render(context, target, tags):
@@ -604,27 +619,24 @@ def build_examples(messages, tok, context_messages=8, gap_hours=3.0, val_frac=0.
                    recency_half_life_days=None, seed=0):
     """Messages of two people -> (train, val) examples. Every message is a target once, after a
     random number k in 0..context_messages of the messages before it in its session (k = 0: opening
-    a conversation). Validation = the latest sessions by time."""
+    a conversation). Validation = the held-out side of split_sessions, the latest sessions by time."""
     if not messages:
         raise BadInput("no messages left to train on")
     tags = {s: tag(s) for s in dict.fromkeys(m.speaker for m in messages)}
-    split = sessions(messages, gap_hours)
-    n_val = max(1, round(val_frac * len(split)))
-    if len(split) - n_val < 1:
-        raise BadInput(f"only {len(split)} session(s): need at least two, one to train on and one to "
-                       f"validate (sessions split at gaps of {gap_hours} hours; try a larger gap)")
+    train_sessions, held_out = split_sessions(messages, gap_hours, val_frac)
     latest = max(m.time for m in messages)
-    rng = random.Random(seed)
-    train, val = [], []
-    for s, session in enumerate(tqdm(split, desc="tokenizing", unit="session", leave=False)):
-        for i, target in enumerate(session):
-            k = rng.randint(0, min(context_messages, i))
-            tokens, mask, text, cut = encode_example(tok, session[i - k : i], target, tags, max_len)
-            weight = 1.0
-            if recency_half_life_days:
-                weight = 0.5 ** ((latest - target.time).total_seconds() / 86400 / recency_half_life_days)
-            (val if s >= len(split) - n_val else train).append(Example(tokens, mask, weight, text, cut))
-    return train, val
+    rng = random.Random(seed)  # one stream over both sides, in time order: the contexts drawn stay as they were
+    examples = {"train": [], "val": []}
+    for side, split in (("train", train_sessions), ("val", held_out)):
+        for s, session in enumerate(tqdm(split, desc=f"tokenizing ({side})", unit="session", leave=False)):
+            for i, target in enumerate(session):
+                k = rng.randint(0, min(context_messages, i))
+                tokens, mask, text, cut = encode_example(tok, session[i - k : i], target, tags, max_len)
+                weight = 1.0
+                if recency_half_life_days:
+                    weight = 0.5 ** ((latest - target.time).total_seconds() / 86400 / recency_half_life_days)
+                examples[side].append(Example(tokens, mask, weight, text, cut, s, i))
+    return examples["train"], examples["val"]
 
 
 def main():

@@ -5,8 +5,10 @@
     python sft.py --data chat.txt --model mistralai/Mistral-7B-v0.1   # on a GPU (its defaults)
     torchrun --nproc-per-node 4 sft.py --data data/convos.jsonl       # several GPUs (or CPU processes)
 
-Writes into --out: adapter/ (PEFT format: loads here and in Hugging Face PEFT), metrics.jsonl, loss.png,
-and checkpoint.pt (optimizer, RNG and step: resuming continues exactly where the run stopped).
+Writes into --out: adapter/ (PEFT format: loads here and in Hugging Face PEFT, plus training.json, the
+options it was trained with, which every later stage reads), metrics.jsonl, loss.png, and
+checkpoint.safetensors (adapter, optimizer, RNG and step, no pickle: resuming continues exactly where
+the run stopped).
 """
 import json
 import math
@@ -24,11 +26,15 @@ from typing import Annotated
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cli
 import lora
-from model import BadInput, exit_on_bad_input, greedy, load_model, parse_options, token_logprobs
+from cli import BadInput, exit_on_bad_input, parse_options
+from model import greedy, load_model, pad, scored_logprobs
 from prep import build_examples, load_pair
 
 
@@ -71,6 +77,11 @@ GPU_DEFAULTS = dict(model="mistralai/Mistral-7B-v0.1", lr=2e-4, min_lr=2e-5, max
 # A resumed run must be the same run: these may not change between the checkpoint and --resume.
 SAME_ON_RESUME = ("data", "model", "batch_size", "grad_accum", "lora_r", "lora_alpha", "rslora",
                   "context_messages", "session_gap_hours", "val_frac", "max_len", "seed")
+# What a later stage needs to rebuild this run's examples and split exactly. It reads them from the
+# adapter's training.json (see data_settings), never from the defaults above, which may not be the run's.
+DATA_SETTINGS = ("data", "context_messages", "session_gap_hours", "val_frac", "max_len")
+ADAPTER = str(Path(Options.out) / "adapter")  # where the default run's adapter lands: later stages' --adapter
+CHECKPOINT = "checkpoint.safetensors"
 
 
 class TrainingDiverged(Exception):
@@ -100,28 +111,37 @@ def epoch_batches(examples, batch_size, seed, epoch):
     return batches
 
 
+def batch_at(examples, batch_size, seed):
+    """g -> the example indices of global micro-batch g, epoch after epoch (one epoch kept at a time)."""
+    per_epoch = len(epoch_batches(examples, batch_size, seed, 0))
+    cache = {}
+
+    def indices(g):
+        epoch, index = divmod(g, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_batches(examples, batch_size, seed, epoch)
+        return cache[epoch][index]
+
+    return indices
+
+
 def collate(examples, device):
-    """Right-padded tokens (B, T), loss weights (B, T). Right padding needs no attention mask:
-    causal attention never looks ahead, so pads at the end are invisible to the real tokens."""
-    T = max(len(e.tokens) for e in examples)
-    tokens = torch.zeros(len(examples), T, dtype=torch.long)
-    weights = torch.zeros(len(examples), T)
+    """Right-padded tokens (B, T) and loss weights (B, T): the target's tokens carry the example's weight."""
+    tokens, _ = pad([e.tokens for e in examples], device=device)
+    weights = torch.zeros(tokens.shape)
     for b, e in enumerate(examples):
-        tokens[b, : len(e.tokens)] = torch.tensor(e.tokens)
         weights[b, : len(e.tokens)] = torch.tensor(e.loss_mask, dtype=torch.float) * e.weight
-    return tokens.to(device), weights.to(device)
+    return tokens, weights.to(device)
 
 
 def loss_fn(model, tokens, weights, checkpoint=False):
-    """Weighted mean negative log-likelihood of the target tokens: (sum w * nll) / (sum w)."""
-    h = model(tokens[:, :-1], checkpoint=checkpoint, unembed=False)  # (B, T-1, D): position t predicts t+1
+    """Weighted mean negative log-likelihood of the target tokens: (sum w * nll) / (sum w). Only the
+    target message's tokens (~1 in 10 here) are unembedded (model.scored_logprobs)."""
+    scored = weights > 0
+    nll = -scored_logprobs(model, tokens, scored, checkpoint=checkpoint)  # (N,)
     w = weights[:, 1:]
-    scored = w > 0  # (B, T-1)
-    # Only the target message's tokens carry loss (~1 in 10 here), so only they are unembedded: the
-    # (N, V) fp32 logits and their log-softmax were most of a step's memory, and a fifth of its work.
-    unembed = getattr(model, "module", model).unembed  # DistributedDataParallel wraps our model
-    nll = -token_logprobs(unembed(h[scored]), tokens[:, 1:][scored])  # (N,)
-    return (nll * w[scored]).sum() / w.sum()
+    return (nll * w[scored[:, 1:]]).sum() / w.sum()
 
 
 @torch.no_grad()
@@ -147,7 +167,7 @@ def sample_replies(model, tok, examples, n, device):
         prompt, real = e.text[: e.cut], e.text[e.cut :].strip()
         ids = tok.encode(prompt)
         stop = lambda new: "\n" in tok.decode(new[0].tolist())  # the end of the reply's line
-        new = greedy(model, torch.tensor([ids]), 40, stop)[0].tolist()
+        new = greedy(model, torch.tensor([ids], device=device), 40, stop)[0].tolist()
         reply = tok.decode(ids + new)[len(tok.decode(ids)) :].split("\n")[0].strip()
         lines.append(f"  {prompt.splitlines()[-1]} {reply}    (real: {real})")
     model.train()
@@ -155,11 +175,7 @@ def sample_replies(model, tok, examples, n, device):
 
 
 def plot(rows, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = cli.pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     base = next((r["base_val_loss"] for r in rows if "base_val_loss" in r), None)
@@ -177,48 +193,146 @@ def plot(rows, path: Path):
         ax.axhline(base, ls="--", c="gray", label=f"base model, validation ({base:.3f})")
     ax.set(xlabel="step", ylabel="loss (nats / target token)", title="LoRA fine-tuning")
     ax.legend()
-    fig.tight_layout()
-    lora.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    cli.save_figure(fig, path)
 
 
-def train(opts: Options):
-    # Distributed data parallel when launched by torchrun: one process per GPU (or CPU, with gloo).
+# ---------------------------------------------------------------------------------------------------
+# Around the loop: processes, checkpoints, signals. (rlaif.py and ppo.py train with these too.)
+
+def setup_distributed():
+    """(rank, world size, device, ddp). Launched by torchrun: one process per GPU (or CPU, with gloo)."""
     cuda = torch.cuda.is_available()
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
-    main = rank == 0
-    say = tqdm.write if main else (lambda *a, **k: None)
-    out = Path(opts.out)
-    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    if opts.resume and not ckpt_path.exists():
-        raise BadInput(f"--resume: there is no checkpoint at {ckpt_path}")
-    if not opts.resume and ckpt_path.exists():
-        raise BadInput(f"{ckpt_path} exists: pass --resume to continue that run, or choose a new --out")
-    ckpt = torch.load(ckpt_path, weights_only=False) if opts.resume else None
-    if ckpt:
-        changed = [k for k in SAME_ON_RESUME if ckpt["options"][k] != getattr(opts, k)]
-        if changed:
-            raise BadInput(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
-                           f"the checkpoint's ({', '.join(str(ckpt['options'][k]) for k in changed)})")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu"), False
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    return dist.get_rank(), dist.get_world_size(), device, True
 
-    # Data: two people's messages -> examples (a target message after up to N of its predecessors).
-    messages, drops = load_pair(opts.data)
-    model, tok = load_model(opts.model, device=device)
+
+def save_checkpoint(path, tensors: dict, optimizer, state: dict):
+    """A training checkpoint as one safetensors file, written atomically: the given tensors (the
+    adapter), the optimizer's tensors and the RNG states as tensors; state (step, options, ...), the
+    optimizer's settings and the RNG states that are plain numbers as JSON in its metadata. No pickle:
+    a checkpoint is a file people pass around, and loading one must never run code."""
+    opt = optimizer.state_dict()
+    out = {f"model.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
+    for i, param_state in opt["state"].items():
+        out.update({f"optimizer.{i}.{name}": t.contiguous().cpu() for name, t in param_state.items()})
+    out["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"state": json.dumps(state), "optimizer": json.dumps(opt["param_groups"]),
+            "rng": json.dumps({"python": [version, list(mt), gauss],
+                               "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]})}
+    cli.write_atomically(Path(path), lambda tmp: save_file(out, tmp, meta))
+
+
+def load_checkpoint(path, optimizer) -> tuple[dict, dict]:
+    """Restore the optimizer and the RNG states from a checkpoint save_checkpoint wrote; returns (the
+    given tensors, state). Anything else, a pickle included, is refused before any of it is read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        state, groups, rng = (json.loads(meta[k]) for k in ("state", "optimizer", "rng"))
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise BadInput(f"{path} is not a checkpoint this project wrote ({type(e).__name__}); "
+                       "it was not loaded") from None
+    per_param = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, i, name = key.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = t
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available() and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, mt, gauss = rng["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return {k.removeprefix("model."): t for k, t in tensors.items() if k.startswith("model.")}, state
+
+
+def check_run_dir(out: Path, resume: bool):
+    """A new run never overwrites an old one; --resume needs a checkpoint this version can read."""
+    ckpt, old = out / CHECKPOINT, out / "checkpoint.pt"
+    if resume and not ckpt.exists() and old.exists():
+        raise BadInput(f"{old} is a pickled checkpoint from an older sft.py: it can't be loaded safely "
+                       "(unpickling runs code), so it is not loaded; start a new run with another --out")
+    if resume and not ckpt.exists():
+        raise BadInput(f"--resume: there is no checkpoint at {ckpt}")
+    if not resume and (ckpt.exists() or old.exists()):
+        raise BadInput(f"{ckpt if ckpt.exists() else old} exists: pass --resume to continue that run, "
+                       "or choose a new --out")
+
+
+def stop_requests(say) -> list:
+    """Ctrl-C, or SIGTERM (what schedulers send before they kill): the list gets the signal's number,
+    and the loop finishes its step, saves and exits. A second one quits at once."""
+    requested = []
+
+    def handler(signum, _frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        say(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit now)")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+    return requested
+
+
+def examples(opts: Options, messages, drops, tok, say):
+    """(train, validation) examples: a target message after up to N of its predecessors, the held-out
+    sessions' examples thinned to a fixed, evenly spread --val-examples (each evaluation stays cheap)."""
     train_set, val_set = build_examples(messages, tok, opts.context_messages, opts.session_gap_hours,
                                         opts.val_frac, opts.max_len, opts.recency_half_life_days or None,
                                         opts.seed)
-    # A fixed, evenly spread subset of the held-out examples keeps each evaluation cheap.
     val_set = val_set[:: max(1, len(val_set) // opts.val_examples)][: opts.val_examples]
     speakers = ", ".join(f"{s} {n}" for s, n in Counter(m.speaker for m in messages).most_common())
     say(f"data: {len(messages)} messages ({speakers}); dropped: {dict(drops) or 'none'}")
-    say(f"examples: {len(train_set)} train, {len(val_set)} validation (latest sessions) | "
-        f"model {opts.model} on {device} | {world} process(es)")
+    say(f"examples: {len(train_set)} train, {len(val_set)} validation (latest sessions)")
+    return train_set, val_set
+
+
+def resume(opts: Options, model, optimizer, say):
+    """Load the checkpoint in --out into the adapter, optimizer and RNGs: (step, base loss, metric rows)."""
+    out = Path(opts.out)
+    tensors, state = load_checkpoint(out / CHECKPOINT, optimizer)
+    changed = [k for k in SAME_ON_RESUME if state["options"][k] != getattr(opts, k)]
+    if changed:
+        raise BadInput(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
+                       f"the checkpoint's ({', '.join(str(state['options'][k]) for k in changed)})")
+    params = lora.peft_keys(model)
+    if tensors.keys() != params.keys():
+        raise BadInput(f"{out / CHECKPOINT} holds another adapter than this run builds")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.exists() else []
+    say(f"resuming at step {state['step']}/{opts.max_steps}")
+    # Steps logged after the checkpoint are forgotten: they are redone.
+    return state["step"], state["base_val_loss"], [r for r in rows if r["step"] <= state["step"]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+def train(opts: Options):
+    rank, world, device, ddp = setup_distributed()
+    main = rank == 0  # evaluation, samples and files are the first process's job
+    say = tqdm.write if main else (lambda *a, **k: None)
+    out = Path(opts.out)
+    ckpt_path, metrics_path = out / CHECKPOINT, out / "metrics.jsonl"
+    check_run_dir(out, opts.resume)
+
+    messages, drops = load_pair(opts.data)  # before loading a model: a bad file fails fast
+    model, tok = load_model(opts.model, device=device)
+    train_set, val_set = examples(opts, messages, drops, tok, say)
+    say(f"model {opts.model} on {device} | {world} process(es)")
 
     # The adapter: the only trainable parameters. Seeded identically on every process.
     torch.manual_seed(opts.seed)
@@ -226,26 +340,14 @@ def train(opts: Options):
     params = lora.lora_parameters(model)
     # fused: one kernel updates every adapter tensor, instead of a handful of ops per tensor.
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # CPU: fp32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # CPU: fp32
     say(f"LoRA r={opts.lora_r} on {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
 
-    rows = []
-    if ckpt:
-        model.load_state_dict(ckpt["lora"], strict=False)  # the adapter only; the base is the checkpoint's
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        if cuda and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        step, base_val = ckpt["step"], ckpt["base_val_loss"]
-        if metrics_path.exists():  # forget steps logged after the checkpoint: they are redone
-            rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-            rows = [r for r in rows if r["step"] <= step]
-        say(f"resuming at step {step}/{opts.max_steps}")
+    if opts.resume:
+        step, base_val, rows = resume(opts, model, optimizer, say)
     else:
-        step, base_val = 0, None
-        if main:  # evaluation, samples and files are the first process's job
+        step, base_val, rows = 0, None, []
+        if main:
             with lora.disabled(model):
                 base_val = evaluate(model, val_set, opts.batch_size, device, autocast)
             rows.append({"step": 0, "base_val_loss": base_val})
@@ -254,42 +356,19 @@ def train(opts: Options):
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def checkpoint():
+    def save():
         if main:
-            lora.save_adapter(model, out / "adapter", base_model=opts.model)
-            # Written to a temporary file, then renamed: a crash mid-save keeps the previous checkpoint.
-            lora.write_atomically(ckpt_path, lambda tmp: torch.save({
+            lora.save_adapter(model, out / "adapter", base_model=opts.model, training=asdict(opts))
+            # Every process is seeded alike and draws alike, so the first one's RNG serves them all.
+            save_checkpoint(ckpt_path, lora.peft_keys(model), optimizer, {
                 "step": step, "options": asdict(opts), "base_val_loss": base_val,
-                "lora": {k: v for k, v in model.state_dict().items() if "lora_" in k},
-                "optimizer": optimizer.state_dict(),
-                # Every process is seeded alike and draws alike, so the first one's RNG serves them all.
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state() if cuda else None},
-                "micro_batches_done": step * opts.grad_accum * world,  # the data position
-            }, tmp))
+                "micro_batches_done": step * opts.grad_accum * world})  # the data position
             plot(rows, out / "loss.png")
 
-    def log(row):
-        rows.append(row)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # Ctrl-C: finish the step, save, exit. (A second Ctrl-C quits at once.)
-    interrupted = []
-
-    def on_sigint(*_):
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(True)
-        say("Ctrl-C: saving a checkpoint after this step (press again to quit now)")
-
-    signal.signal(signal.SIGINT, on_sigint)
-
+    stop = stop_requests(say)
     net = DistributedDataParallel(model) if ddp else model
+    batch = batch_at(train_set, opts.batch_size, opts.seed)
     model.train()
-    batches_per_epoch = len(epoch_batches(train_set, opts.batch_size, opts.seed, 0))
-    epoch_cache = {}
     start_time, bar = time.time(), tqdm(total=opts.max_steps, initial=step, disable=not main, unit="step")
     while step < opts.max_steps:
         t0 = time.time()
@@ -299,25 +378,21 @@ def train(opts: Options):
         for micro in range(opts.grad_accum):
             # Global micro-batch g goes to process g % world: one process with grad_accum 2k sees the
             # same batches per step as 2 processes with grad_accum k.
-            g = (step * opts.grad_accum + micro) * world + rank
-            epoch, index = divmod(g, batches_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(train_set, opts.batch_size, opts.seed, epoch)}
-            batch = [train_set[i] for i in epoch_cache[epoch][index]]
-            tokens, weights = collate(batch, device)
-            sync = ddp and micro < opts.grad_accum - 1
-            with net.no_sync() if sync else nullcontext(), autocast:
+            micro_batch = [train_set[i] for i in batch((step * opts.grad_accum + micro) * world + rank)]
+            tokens, weights = collate(micro_batch, device)
+            sync = not ddp or micro == opts.grad_accum - 1  # DDP all-reduces gradients on the last only
+            with nullcontext() if sync else net.no_sync(), autocast:
                 loss = loss_fn(net, tokens, weights, opts.grad_checkpoint)
                 # Each micro-batch's loss is a mean over its tokens; dividing by the number of
                 # micro-batches makes the accumulated gradient their mean, not their sum.
                 (loss / opts.grad_accum).backward()
             loss_sum += loss.item()
-            tokens_seen += sum(len(e.tokens) for e in batch)
-        stats = torch.tensor([loss_sum / opts.grad_accum, tokens_seen, float(bool(interrupted))], device=device)
+            tokens_seen += sum(len(e.tokens) for e in micro_batch)
+        stats = torch.tensor([loss_sum / opts.grad_accum, tokens_seen, float(bool(stop))], device=device)
         if ddp:  # DDP averaged the gradients; average the logged loss and agree on stopping too
             dist.all_reduce(stats)
             stats[0] /= world
-        loss_value, tokens_seen, stop = stats[0].item(), int(stats[1]), bool(stats[2])
+        loss_value, tokens_seen, stopping = stats[0].item(), int(stats[1]), bool(stats[2])
         if not math.isfinite(loss_value):  # stop before the optimizer spreads it into the adapter
             kept = f"the last good checkpoint is in {ckpt_path}" if ckpt_path.exists() else "nothing was saved yet"
             raise TrainingDiverged(f"the loss became {loss_value} at step {step + 1}; {kept}. Try a lower --lr.")
@@ -330,25 +405,25 @@ def train(opts: Options):
                "ms": round(ms), "tok_per_s": round(tokens_seen / ms * 1000)}
         line = (f"step {step}/{opts.max_steps} | loss {loss_value:.4f} | norm {norm:.2f} | "
                 f"lr {row['lr']:.1e} | {ms:.0f} ms | {row['tok_per_s'] / 1000:.2f}k tok/s")
-        if step % opts.eval_every == 0 or step == opts.max_steps:
-            if main:
-                row["val_loss"] = evaluate(model, val_set, opts.batch_size, device, autocast)
-                line += f" | val {row['val_loss']:.4f} (base {base_val:.4f})"
-            log(row)
-            say(line)
-            if main:
-                for sample in sample_replies(model, tok, val_set, opts.samples, device):
-                    say(sample)
-        else:
-            log(row)
-            say(line)
+        evaluating = main and (step % opts.eval_every == 0 or step == opts.max_steps)
+        if evaluating:
+            row["val_loss"] = evaluate(model, val_set, opts.batch_size, device, autocast)
+            line += f" | val {row['val_loss']:.4f} (base {base_val:.4f})"
+        rows.append(row)
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        say(line)
+        if evaluating:
+            for sample in sample_replies(model, tok, val_set, opts.samples, device):
+                say(sample)
         bar.update(1)
-        if step % opts.save_every == 0 or step == opts.max_steps or stop:
-            checkpoint()
-        if stop:
+        if step % opts.save_every == 0 or step == opts.max_steps or stopping:
+            save()
+        if stopping:
             bar.close()
             say(f"stopped at step {step}; continue with --resume")
-            sys.exit(130)
+            sys.exit(128 + (stop[0] if stop else signal.SIGINT))
     bar.close()
     elapsed = time.time() - start_time
     final = rows[-1].get("val_loss")
@@ -358,6 +433,69 @@ def train(opts: Options):
     if ddp:
         dist.destroy_process_group()
     return {"base_val_loss": base_val, "val_loss": final, "seconds": elapsed}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the stages after this one load: the model with the adapter sft.py wrote, and the data settings
+# it was trained with.
+
+@dataclass
+class Tuned:
+    model: torch.nn.Module  # base + adapter (or the base alone), in eval mode
+    tok: object
+    base_model: str  # the base model's name or path
+    adapter: str  # the adapter's directory; "" = none
+    training: dict  # the options the adapter was trained with (sft.py's defaults where unknown)
+
+
+def load_tuned(adapter: str = ADAPTER, model: str = "", base: bool = False) -> Tuned:
+    """The fine-tuned model: the base that adapter_config.json names (unless model overrides it) with
+    the adapter; or with base=True the base model alone (model, else sft.py's default)."""
+    if base:
+        name = model or Options.model
+        return Tuned(*load_model(name), name, "", asdict(Options()))
+    path = Path(adapter)
+    if not (path / "adapter_config.json").exists():
+        raise BadInput(f"--adapter {adapter}: no adapter there; train one with sft.py, pass --adapter DIR, "
+                       "or use --base for the model without one")
+    try:
+        name = model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise BadInput(f"{path / 'adapter_config.json'} does not name its base model "
+                       "(base_model_name_or_path); pass --model") from None
+    net, tok = load_model(name)
+    lora.load_adapter(net, path)
+    training = lora.read_training(path)
+    if training is None:
+        training = asdict(Options())
+        print(f"note: {path} has no {lora.TRAINING} (not written by this sft.py); assuming sft.py's defaults "
+              f"{ {k: training[k] for k in DATA_SETTINGS} }", file=sys.stderr)
+    return Tuned(net.eval(), tok, name, str(adapter), training)  # eval(): no dropout in the new modules
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data: str
+    context_messages: int
+    session_gap_hours: float
+    val_frac: float
+    max_len: int
+
+
+def data_settings(training: dict, opts) -> DataSettings:
+    """The data settings a later stage builds examples with: the adapter's training values, except
+    where the user gave a flag (a field of opts of the same name that isn't None or ""), which wins;
+    a flag that differs from training is said once."""
+    values = {}
+    for key in DATA_SETTINGS:
+        trained, given = training.get(key, getattr(Options, key)), getattr(opts, key, None)
+        if given in (None, ""):
+            values[key] = trained
+            continue
+        if given != trained:
+            print(f"note: --{key.replace('_', '-')} {given}: the adapter was trained with {trained}", file=sys.stderr)
+        values[key] = given
+    return DataSettings(**values)
 
 
 def main():

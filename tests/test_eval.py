@@ -1,13 +1,9 @@
 """eval.py: every score against a direct computation, the judge against a local fake API, and the CLI."""
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +12,9 @@ import eval as ev
 import lora
 import sample
 from model import BadInput, load_checkpoint, load_tokenizer, token_logprobs
-from prep import encode_example, load_pair, one_line, tag, write_jsonl
+from prep import encode_example, load_pair, one_line, split_sessions, tag, write_jsonl
+from conftest import script
 
-ROOT = Path(__file__).resolve().parents[1]
 FRIEND = "[FRIEND]"
 KEY = "sk-test-0123456789-never-print-me"
 
@@ -40,7 +36,7 @@ def chat(small_chat, tiny_chat_dir, tiny_adapter):
     lora.load_adapter(model, tiny_adapter)
     messages, _ = load_pair(small_chat)
     tags = {s: tag(s) for s in dict.fromkeys(m.speaker for m in messages)}
-    train, held_out = ev.split_sessions(messages, 3.0, 0.1)
+    train, held_out = split_sessions(messages, 3.0, 0.1)
     return model.eval(), load_tokenizer(tiny_chat_dir), tags, train, held_out
 
 
@@ -65,7 +61,7 @@ def test_the_held_out_sessions_are_the_latest_like_sft(chat, small_chat, tiny_ch
 def test_short_context_nll_equals_the_training_example_scored_alone(chat, latest):
     model, tok, tags, _, held_out = chat
     start = ev.first_scored(held_out, tags, FRIEND, latest)
-    scores = ev.short_context(model, tok, held_out, tags, FRIEND, 8, batch_size=5, start=start)
+    scores = ev.short_context(model, tok, held_out, tags, FRIEND, 8, 512, batch_size=5, start=start)
     expected_keys = {(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
                      if tags[m.speaker] == FRIEND}
     if latest:
@@ -134,16 +130,25 @@ def test_a_zero_adapter_gives_the_base_scores_exactly_and_a_random_one_differs(s
 
 class Guesser(torch.nn.Module):
     """A fake model whose logits at every position favour the first differing token of one tag: a fixed
-    tag, or (always=None) the tag it has most recently seen begin. Causal, like a real model."""
+    tag, or (always=None) the tag it has most recently seen begin. Causal, like a real model. Its
+    "stream" is already the logits: no layers, and the final norm and unembedding are identities."""
 
     def __init__(self, tok, tags, always=None):
         super().__init__()
         self.embed_tokens = torch.nn.Embedding(1, 1)  # where eval.py looks for the device
+        self.cfg = type("Config", (), {"n_layers": 0})
+        self.norm = torch.nn.Identity()
         self.tag_ids = {t: tok.encode(t, start=False) for t in tags.values()}
         self.b = ev.branch(self.tag_ids)
         self.always = always
 
-    def forward(self, tokens, unembed=True):
+    def forward(self, tokens, mask=None, hooks=None, checkpoint=False, unembed=True):
+        logits = self.logits(tokens)
+        if hooks and "resid.0" in hooks:  # resid.{n_layers}: the stream before the final norm
+            hooks["resid.0"](logits)
+        return logits
+
+    def logits(self, tokens):
         B, T = tokens.shape
         logits = torch.zeros(B, T, 49152)
         for row, ids in zip(logits, tokens.tolist()):
@@ -162,7 +167,7 @@ class Guesser(torch.nn.Module):
 
 def test_next_speaker_accuracy_of_a_fixed_guess_equals_that_persons_share(chat):
     _, tok, tags, _, held_out = chat
-    scores = ev.short_context(Guesser(tok, tags, always=FRIEND), tok, held_out, tags, FRIEND, 8, 8)
+    scores = ev.short_context(Guesser(tok, tags, always=FRIEND), tok, held_out, tags, FRIEND, 8, 512, 8)
     acc = ev.next_speaker_accuracy(scores, held_out, tags)
     positions = [(s, i) for s, session in enumerate(held_out) for i in range(1, len(session))]
     friend_share = sum(tags[held_out[s][i].speaker] == FRIEND for s, i in positions) / len(positions)
@@ -172,7 +177,7 @@ def test_next_speaker_accuracy_of_a_fixed_guess_equals_that_persons_share(chat):
 
 def test_next_speaker_accuracy_of_guessing_the_last_speaker_equals_the_same_person_baseline(chat):
     _, tok, tags, _, held_out = chat
-    scores = ev.short_context(Guesser(tok, tags), tok, held_out, tags, FRIEND, 8, 8)
+    scores = ev.short_context(Guesser(tok, tags), tok, held_out, tags, FRIEND, 8, 512, 8)
     acc = ev.next_speaker_accuracy(scores, held_out, tags)
     positions = [(s, i) for s, session in enumerate(held_out) for i in range(1, len(session))]
     again = sum(held_out[s][i].speaker == held_out[s][i - 1].speaker for s, i in positions) / len(positions)
@@ -183,7 +188,7 @@ def test_next_speaker_accuracy_of_guessing_the_last_speaker_equals_the_same_pers
 def test_the_verbatim_copy_rate_counts_exactly_the_replies_equal_to_training_messages(
         small_chat, tiny_adapter, tmp_path, monkeypatch):
     messages, _ = load_pair(small_chat)
-    train, _ = ev.split_sessions(messages, 3.0, 0.1)
+    train, _ = split_sessions(messages, 3.0, 0.1)
     texts = [m.text for s in train for m in s if len(m.text.split()) > 3]
     canned = [texts[0].upper(), "  " + texts[5] + "  ", texts[9] + " and more", "zq xv wk"]  # 2 copies of 4
     monkeypatch.setattr(sample, "generate", lambda model, tok, prompts, opts: canned[: len(prompts)])
@@ -293,14 +298,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(*args, env=None):
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
-
 
 def test_cli_an_unreachable_judge_is_one_line_and_exit_status_2(small_chat, tiny_adapter, tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
-    out = run("--adapter", str(tiny_adapter), "--data", str(small_chat), "--samples", "2",
+    out = script("eval.py", "--adapter", str(tiny_adapter), "--data", str(small_chat), "--samples", "2",
               "--out", str(tmp_path / "e.json"), "--judge-model", "m", "--judge-base-url", url,
               "--judge-cache", str(tmp_path / "cache.jsonl"), env={"OPENAI_API_KEY": KEY})
     assert out.returncode == 2, out.stderr[-2000:]
@@ -311,7 +312,7 @@ def test_cli_an_unreachable_judge_is_one_line_and_exit_status_2(small_chat, tiny
 
 
 def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tiny_adapter, tmp_path):
-    out = run("--adapter", str(tiny_adapter), "--data", str(small_chat), "--model", str(tiny_chat_dir),
+    out = script("eval.py", "--adapter", str(tiny_adapter), "--data", str(small_chat), "--model", str(tiny_chat_dir),
               "--samples", "4", "--out", str(tmp_path / "eval.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     for row in ("| (a) base |", "| (b) base |", "| (c) fine-tuned |", "| (d) fine-tuned |",
@@ -339,16 +340,35 @@ def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_a
     (["--speaker", "BOB"], "error: --speaker BOB: no [BOB] in "),
 ])
 def test_cli_bad_input_is_one_line_and_exit_status_2(small_chat, tiny_adapter, args, says):
-    out = run("--data", str(small_chat), "--adapter", str(tiny_adapter), *args)
+    out = script("eval.py", "--data", str(small_chat), "--adapter", str(tiny_adapter), *args)
     assert out.returncode == 2 and out.stderr.startswith(says) and out.stderr.count("\n") == 1, out.stderr
     if "BOB" in says:
         assert "[RIYA], [FRIEND]" in out.stderr
 
 
-def test_a_held_out_set_without_the_speaker_is_bad_input(tmp_path, small_chat):
+def test_a_held_out_set_without_the_speaker_is_bad_input(tmp_path, small_chat, tiny_adapter):
     messages, _ = load_pair(small_chat)
     path = tmp_path / "riya_last.jsonl"
     last = messages[-1].time
     write_jsonl([m for m in messages if m.speaker == "Riya" or (last - m.time).days > 1], path)
     with pytest.raises(BadInput, match="have no \\[FRIEND\\] message to score"):
-        ev.evaluate(ev.Options(data=str(path), adapter="unused"))
+        ev.evaluate(ev.Options(data=str(path), adapter=str(tiny_adapter)))
+
+
+def test_an_adapter_trained_at_max_len_1024_is_evaluated_at_1024_unless_a_flag_says_otherwise(
+        small_chat, tiny_chat_dir, tmp_path, monkeypatch):
+    import sft
+
+    sft.train(sft.Options(data=str(small_chat), model=str(tiny_chat_dir), out=str(tmp_path / "run"), max_steps=1,
+                          batch_size=2, val_examples=2, samples=0, max_len=1024, context_messages=3))
+    seen = []
+    real = ev.encode_example
+    monkeypatch.setattr(ev, "encode_example", lambda *a: seen.append(a[-1]) or real(*a))
+    opts = ev.Options(adapter=str(tmp_path / "run" / "adapter"), samples=2, max_messages=3, long_context=64,
+                      out=str(tmp_path / "e.json"))
+    r = ev.evaluate(opts)  # no --data, no --max-len: both from the adapter's training.json
+    assert set(seen) == {1024} and r["settings"]["max_len"] == 1024 and r["settings"]["context_messages"] == 3
+    assert r["settings"]["data"] == str(small_chat) and r["settings"]["adapter"] == str(tmp_path / "run" / "adapter")
+    seen.clear()
+    assert ev.evaluate(ev.Options(**{**vars(opts), "max_len": 256}))["settings"]["max_len"] == 256
+    assert set(seen) == {256}

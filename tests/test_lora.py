@@ -8,17 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
-from conftest import TINY
-from lora import (TARGETS, LoRALinear, add_lora, disabled, export_merged, load_adapter, lora_modules,
-                  lora_parameters, merge, save_adapter, unmerge)
+from conftest import TINY, random_tokens
+from lora import (TARGETS, add_lora, disabled, export_merged, fold, load_adapter, lora_modules,
+                  lora_parameters, merge, read_training, save_adapter, save_stacked, unmerge)
 from model import BadInput, KVCache, load_checkpoint
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 L = TINY["num_hidden_layers"]
 
-
-def random_tokens(*shape, seed=0):
-    return torch.randint(0, TINY["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -235,3 +232,37 @@ def test_a_dora_adapter_is_refused_by_name(tiny_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(BadInput, match="use_dora"):
         load_adapter(load_checkpoint(tiny_dir), tmp_path)
+
+
+@torch.no_grad()
+def test_a_fresh_adapter_on_a_folded_one_is_disabled_to_the_fine_tuned_model_not_the_base(tiny_dir, tiny, tmp_path):
+    first = adapted(tiny_dir, seed=1, targets=("q_proj", "v_proj", "down_proj"))  # stage 1
+    save_adapter(first, tmp_path / "first", base_model=str(tiny_dir), training={"max_len": 77})
+    tokens = random_tokens(2, 10, seed=9)
+    fine_tuned = first(tokens)
+    model = load_checkpoint(tiny_dir)
+    load_adapter(model, tmp_path / "first")
+    fold(model)
+    assert not lora_modules(model)
+    torch.testing.assert_close(model(tokens), fine_tuned, **TOL)
+    add_lora(model, r=2, alpha=5, dropout=0.0, rslora=True)  # stage 2, on top, another rank and scale
+    with disabled(model):
+        torch.testing.assert_close(model(tokens), fine_tuned, **TOL)
+        assert not torch.allclose(model(tokens), tiny(tokens), atol=1e-3)
+    randomize_lora_B(model, seed=2)
+    both = model(tokens)
+    assert not torch.allclose(both, fine_tuned, atol=1e-3)
+
+    # Both stages as one PEFT adapter: PEFT and our loader give what the stacked model computes.
+    from peft import PeftModel
+
+    save_stacked(model, tmp_path / "first", tmp_path / "stacked")
+    config = json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 2 and config["base_model_name_or_path"] == str(tiny_dir)
+    assert read_training(tmp_path / "stacked") == {"max_len": 77}
+    theirs = PeftModel.from_pretrained(MistralForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                       tmp_path / "stacked").eval()
+    torch.testing.assert_close(theirs(tokens).logits, both, **TOL)
+    ours = load_checkpoint(tiny_dir)
+    load_adapter(ours, tmp_path / "stacked")
+    torch.testing.assert_close(ours(tokens), both, **TOL)

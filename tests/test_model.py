@@ -1,24 +1,17 @@
 """model.py against transformers' MistralForCausalLM on a tiny random model, plus cache and hook invariants."""
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY
+from conftest import TINY, random_tokens, script
 from model import BadInput, KVCache, add, capture, config_from_hf, load_checkpoint, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=1e-5)
 L = TINY["num_hidden_layers"]
 
-
-def random_tokens(*shape, seed=0):
-    return torch.randint(0, TINY["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
 
 
 def left_pad(seqs, pad_id=0):
@@ -240,8 +233,7 @@ def test_hub_ids_download_only_config_safetensors_and_tokenizer(tiny_dir, monkey
 
 
 def test_a_bad_model_name_is_one_line_and_exit_status_2():
-    run = subprocess.run([sys.executable, "model.py", "--model", "no/such/dir"], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = script("model.py", "--model", "no/such/dir")
     assert run.returncode == 2
     assert run.stderr.strip() == "error: --model no/such/dir: no such directory, and not a Hub repo id (owner/name)"
 
@@ -277,3 +269,29 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_dir):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_pad_puts_rows_left_or_right_with_a_mask_of_the_real_tokens():
+    from model import pad
+
+    tokens, mask = pad([[5, 6, 7], [8]])
+    assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[True] * 3, [True, False, False]]
+    tokens, mask = pad([[5, 6, 7], [8]], left=True)
+    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[True] * 3, [False, False, True]]
+
+
+def test_scored_logprobs_equal_full_logits_at_the_scored_tokens_padded_either_way(tiny):
+    from model import pad, scored_logprobs, token_logprobs
+
+    rows = [[3, 14, 15, 92, 65, 35], [89, 79, 32], [38, 46, 26, 43]]
+    marks = [[0, 0, 1, 1, 0, 1], [0, 1, 1], [0, 0, 0, 1]]  # the tokens whose log-probs are wanted
+    expected = []
+    for row, m in zip(rows, marks):  # oracle: each row alone, full logits
+        lp = token_logprobs(tiny(torch.tensor([row]))[0, :-1], torch.tensor(row[1:]))
+        expected += [lp[j - 1].item() for j in range(1, len(row)) if m[j]]
+    for left in (False, True):
+        tokens, mask = pad(rows, left=left)
+        scored = pad(marks, left=left)[0].bool()
+        with torch.no_grad():
+            ours = scored_logprobs(tiny, tokens, scored, mask=mask if left else None)
+        torch.testing.assert_close(ours, torch.tensor(expected), atol=1e-5, rtol=0)

@@ -1,19 +1,15 @@
 """prep.py from messages to training examples: pairs, cleaning, sessions, examples and their loss masks."""
 import math
-import subprocess
-import sys
 from collections import Counter
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from conftest import package_file
+from conftest import ROOT, package_file, script
 from model import BadInput, SentencePieceTokenizer
 from prep import (Message, build_examples, choose_pair, clean, encode_example, read_chitchat, read_export,
                   sessions, tag)
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPORTS = ROOT / "tests" / "data" / "exports"
 T0 = datetime(2024, 3, 1, 18, 0)
 
@@ -144,8 +140,8 @@ def test_clean_drops_duplicates_and_simulator_text_and_counts_them():
 
 def test_prep_cli_writes_canonical_jsonl_and_reports_every_drop(tmp_path):
     out = tmp_path / "chat.jsonl"
-    run = subprocess.run([sys.executable, "prep.py", str(EXPORTS / "whatsapp_android_eu_group.txt"), "--out", str(out),
-                          "--me", "1", "--friend", "2=Friend"], cwd=ROOT, capture_output=True, text=True)
+    run = script("prep.py", str(EXPORTS / "whatsapp_android_eu_group.txt"), "--out", str(out), "--me", "1",
+                 "--friend", "2=Friend")
     assert run.returncode == 0, run.stderr
     messages, _ = read_export(out)
     assert len({m.speaker for m in messages}) == 2 and "Friend" in {m.speaker for m in messages}
@@ -153,7 +149,7 @@ def test_prep_cli_writes_canonical_jsonl_and_reports_every_drop(tmp_path):
 
 
 def test_prep_cli_on_a_missing_file_prints_one_line_and_exits_2():
-    run = subprocess.run([sys.executable, "prep.py", "no/such/export.txt"], cwd=ROOT, capture_output=True, text=True)
+    run = script("prep.py", "no/such/export.txt")
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "no/such/export.txt" in run.stderr
 
 

@@ -1,22 +1,18 @@
 """sample.py: the sampling distribution against transformers' processors, batching, stopping, and every mode."""
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-import lora
 import sample
 from model import greedy, load_checkpoint
 from sample import Options, banned_ngrams, generate, penalize, sampling_logprobs
+from conftest import script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1),
-                                dict(temperature=1.3, top_k=20, top_p=0.9)])
+                                dict(temperature=1.3, top_k=20, top_p=0.9), dict(top_p=0.9, min_p=0.2)])
 def test_the_sampling_distribution_equals_transformers_warpers(kw):
     from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)
@@ -40,8 +36,24 @@ def test_the_repetition_penalty_equals_transformers():
 
     logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[1, 5, 5, 7], [0, 2, 29, 3]])
-    seen = torch.zeros(2, 30, dtype=torch.bool).scatter(1, ids, True)
-    torch.testing.assert_close(penalize(logits, seen, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+    torch.testing.assert_close(penalize(logits, ids, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])  # near-uniform (a nucleus of most of V) to peaked
+def test_the_nucleus_found_among_the_top_tokens_is_the_one_a_full_sort_finds(scale):
+    probs = (torch.randn(4, 5000, generator=torch.Generator().manual_seed(2)) * scale).softmax(-1)
+    for top_p in (0.5, 0.9, 0.999):
+        ranked, order = probs.sort(-1, descending=True)
+        outside = ranked.cumsum(-1) - ranked >= top_p
+        expected = ~outside.scatter(-1, order, outside)
+        assert torch.equal(sample.nucleus(probs, top_p), expected)
+
+
+def test_draw_samples_the_distribution_and_never_a_token_of_probability_zero():
+    logp = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).log().repeat(20000, 1)
+    counts = torch.bincount(sample.draw(logp, torch.Generator().manual_seed(0)), minlength=5).float()
+    assert counts[1] == counts[4] == 0
+    torch.testing.assert_close(counts / counts.sum(), torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0]), atol=0.015, rtol=0)
 
 
 def test_ngram_blocking_equals_transformers():
@@ -101,37 +113,33 @@ def test_a_conversation_loop_resamples_verbatim_repeats_and_reports_them(smol, m
     assert stats["resampled repeats"] == 3 and stats["verbatim repeats kept"] == 1 and stats["messages"] == 2
 
 
-def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          input=stdin, timeout=300)
-
 
 def test_cli_prints_one_reply_or_n_replies(tiny_adapter):
-    one = run("--adapter", str(tiny_adapter), "--speaker", "FRIEND", "--prompt", "[RIYA] you coming?",
+    one = script("sample.py", "--adapter", str(tiny_adapter), "--speaker", "FRIEND", "--prompt", "[RIYA] you coming?",
               "--max-new-tokens", "5")
     assert one.returncode == 0, one.stderr
     assert len(one.stdout.splitlines()) == 1 and one.stdout.startswith("[FRIEND] ")
-    five = run("--adapter", str(tiny_adapter), "--speaker", "FRIEND", "--prompt", "[RIYA] hi", "--n", "5",
+    five = script("sample.py", "--adapter", str(tiny_adapter), "--speaker", "FRIEND", "--prompt", "[RIYA] hi", "--n", "5",
                "--max-new-tokens", "5")
     assert [l[:9] for l in five.stdout.splitlines()] == ["[FRIEND] "] * 5
 
 
 def test_cli_compare_prints_base_and_fine_tuned_side_by_side(tiny_adapter):
-    out = run("--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--compare", "--n", "2",
+    out = script("sample.py", "--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--compare", "--n", "2",
               "--max-new-tokens", "5", "--temperature", "0").stdout.splitlines()
     assert out[0].split() == ["base", "|", "fine-tuned"] and len(out) == 3
     assert all(base.strip() != tuned.strip() for base, tuned in (l.split(" | ") for l in out[1:]))
 
 
 def test_cli_chat_answers_each_line_typed_on_stdin(tiny_adapter):
-    out = run("--adapter", str(tiny_adapter), "--chat", "--me", "RIYA", "--speaker", "FRIEND",
+    out = script("sample.py", "--adapter", str(tiny_adapter), "--chat", "--me", "RIYA", "--speaker", "FRIEND",
               "--max-new-tokens", "4", stdin="hey\nwanna go hiking?\n")
     assert out.returncode == 0, out.stderr
     assert [l[:9] for l in out.stdout.splitlines()] == ["[FRIEND] ", "[FRIEND] "]
 
 
 def test_cli_loop_plays_both_people_and_reports_repetition(tiny_adapter):
-    out = run("--adapter", str(tiny_adapter), "--loop", "4", "--prompt", "[RIYA] hey", "--max-new-tokens", "4")
+    out = script("sample.py", "--adapter", str(tiny_adapter), "--loop", "4", "--prompt", "[RIYA] hey", "--max-new-tokens", "4")
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
     assert lines[0] == "[RIYA] hey" and all(l.startswith(("[RIYA] ", "[FRIEND] ")) for l in lines[1:5])
@@ -143,7 +151,7 @@ def test_cli_loop_plays_both_people_and_reports_repetition(tiny_adapter):
     (["--base", "--prompt", "hello there"], "error: --prompt line 'hello there' does not start with a speaker tag"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_status_2(args, says):
-    out = run(*args)
+    out = script("sample.py", *args)
     assert out.returncode == 2 and out.stderr.startswith(says) and out.stderr.count("\n") == 1
 
 
@@ -156,3 +164,32 @@ def test_a_conversation_loop_caps_runs_of_one_speaker(smol, monkeypatch):
     stats = sample.loop(model, tok, lines, Options(loop=6, max_run=2, data="missing.jsonl"), ["[FRIEND]", "[RIYA]"])
     assert [l.split()[0] for l in lines] == ["[RIYA]", "[RIYA]", "[FRIEND]", "[RIYA]", "[RIYA]", "[FRIEND]", "[RIYA]"]
     assert stats["forced turn changes"] == 2
+
+
+def test_the_samplers_logprobs_are_what_a_scoring_forward_gives_at_the_same_temperature(tiny_chat_dir):
+    from model import load_tokenizer, pad, scored_logprobs
+
+    model, tok = load_checkpoint(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
+    prompts = [tok.encode(p) for p in ["[RIYA] hi\n[FRIEND]", "[FRIEND] a much longer opening line here\n[RIYA]"]]
+    opts = Options(max_new_tokens=7, temperature=0.7, top_p=1.0, repetition_penalty=1.0)  # plain temperature
+    replies = sample.generate_ids(model, prompts, opts)
+    assert [len(r.ids) for r in replies] == [7, 7] and not any(r.ended for r in replies)  # ends=None: no stop
+    tokens, mask = pad([p + r.ids for p, r in zip(prompts, replies)], left=True)  # left-padded, as sampled
+    scored = torch.zeros_like(mask)
+    scored[:, -7:] = True
+    with torch.no_grad():
+        rescored = scored_logprobs(model, tokens, scored, mask=mask, temperature=0.7)
+    torch.testing.assert_close(rescored, torch.tensor([lp for r in replies for lp in r.logprobs]), atol=1e-5, rtol=0)
+    with torch.no_grad():  # at another temperature they differ: the check can fail
+        assert not torch.allclose(scored_logprobs(model, tokens, scored, mask=mask), rescored, atol=1e-3)
+
+
+def test_a_reply_that_ends_its_turn_is_marked_ended_and_a_cut_one_is_not(smol):
+    model, tok = smol
+    prompt = [tok.encode("[RIYA] did you finish the homework?\n[FRIEND]")]
+    greedy_opts = Options(temperature=0, repetition_penalty=1.0, max_new_tokens=60)
+    [whole] = sample.generate_ids(model, prompt, greedy_opts, sample.turn_ends(tok))
+    assert whole.ended and "\n" in tok.decode(whole.ids[-1:]) and len(whole.logprobs) == len(whole.ids)
+    [cut] = sample.generate_ids(model, prompt, replace(greedy_opts, max_new_tokens=len(whole.ids) - 1),
+                                sample.turn_ends(tok))
+    assert not cut.ended and cut.ids == whole.ids[:-1]

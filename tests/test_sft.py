@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sft
 from model import BadInput
 from sft import Options, TrainingDiverged, lr_at, train
+from conftest import ROOT, script
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -29,6 +30,11 @@ def adapter(out):
     return load_file(Path(out) / "adapter" / "adapter_model.safetensors")
 
 
+def checkpoint_step(out):
+    with safe_open(str(Path(out) / "checkpoint.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["state"])["step"]
+
+
 def flags(opts: Options):
     return [a for k, v in vars(opts).items() if v is not False
             for a in (["--" + k.replace("_", "-")] + ([] if v is True else [str(v)]))]
@@ -36,8 +42,8 @@ def flags(opts: Options):
 
 def test_a_run_writes_a_peft_adapter_metrics_and_a_loss_plot_and_beats_the_base(small_chat, tiny_chat_dir, tmp_path):
     result = train(quick(small_chat, tiny_chat_dir, tmp_path, max_steps=12, eval_every=6, save_every=6))
-    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl",
-                 "loss.png", "checkpoint.pt"]:
+    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/training.json",
+                 "metrics.jsonl", "loss.png", "checkpoint.safetensors"]:
         assert (tmp_path / name).exists(), name
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
@@ -47,7 +53,8 @@ def test_a_run_writes_a_peft_adapter_metrics_and_a_loss_plot_and_beats_the_base(
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_chat_dir)
 
 
-def test_resume_after_ctrl_c_gives_a_bitwise_equal_adapter(small_chat, tiny_chat_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a scheduler's warning
+def test_resume_after_a_stop_signal_gives_a_bitwise_equal_adapter(small_chat, tiny_chat_dir, tmp_path, signum):
     # Dropout on, so the restored RNG state matters too.
     whole = quick(small_chat, tiny_chat_dir, tmp_path / "whole", lora_dropout=0.1)
     train(whole)
@@ -56,9 +63,9 @@ def test_resume_after_ctrl_c_gives_a_bitwise_equal_adapter(small_chat, tiny_chat
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     for line in proc.stdout:
         if line.startswith("step 2/6"):
-            proc.send_signal(signal.SIGINT)  # as a user's Ctrl-C: finish the step, save, exit
-    assert proc.wait() == 130
-    stopped_at = torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["step"]
+            proc.send_signal(signum)  # finish the step, save, exit
+    assert proc.wait() == 128 + signum
+    stopped_at = checkpoint_step(tmp_path / "broken")
     assert 2 <= stopped_at < 6
     train(Options(**{**vars(broken), "resume": True}))
     a, b = adapter(tmp_path / "whole"), adapter(tmp_path / "broken")
@@ -99,7 +106,7 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(sft, "loss_fn", nan_on_the_third_step)
     with pytest.raises(TrainingDiverged, match="the loss became nan at step 3; the last good checkpoint"):
         train(quick(small_chat, tiny_chat_dir, tmp_path, save_every=1, eval_every=100))
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert checkpoint_step(tmp_path) == 2
     assert all(torch.isfinite(t).all() for t in adapter(tmp_path).values())
 
 
@@ -119,13 +126,12 @@ def test_the_learning_rate_warms_up_then_decays_to_its_minimum():
 
 
 def test_a_missing_data_file_is_one_line_and_exit_status_2(tmp_path):
-    run = subprocess.run([sys.executable, "sft.py", "--data", "no/such.jsonl", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = script("sft.py", "--data", "no/such.jsonl", "--out", str(tmp_path))
     assert run.returncode == 2 and run.stderr.strip() == "error: no/such.jsonl does not exist"
 
 
 def test_help_lists_every_option_with_its_default():
-    run = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    run = script("sft.py", "--help")
     for name, value in vars(Options()).items():
         flag = "--" + name.replace("_", "-")
         assert flag in run.stdout
@@ -151,3 +157,40 @@ def test_the_loss_on_target_tokens_only_equals_the_loss_over_full_logits_with_it
     assert ours.item() == pytest.approx(full.item(), rel=1e-6)
     for a, b in zip(grads, torch.autograd.grad(full, lora.lora_parameters(model))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_adapter_records_the_options_it_was_trained_with(small_chat, tiny_chat_dir, tmp_path):
+    opts = quick(small_chat, tiny_chat_dir, tmp_path, max_steps=1, eval_every=1, max_len=96, context_messages=3)
+    train(opts)
+    training = json.loads((tmp_path / "adapter" / "training.json").read_text())
+    assert training == json.loads(json.dumps(vars(opts)))
+    tuned = sft.load_tuned(str(tmp_path / "adapter"))
+    assert tuned.training == training and tuned.base_model == str(tiny_chat_dir)
+    s = sft.data_settings(tuned.training, type("Flags", (), {"max_len": None, "val_frac": 0.5})())
+    assert (s.max_len, s.context_messages, s.val_frac, s.data) == (96, 3, 0.5, str(small_chat))  # a flag wins
+
+
+def test_a_pickle_in_place_of_the_checkpoint_is_refused_without_running_it(small_chat, tiny_chat_dir, tmp_path):
+    import pickle
+
+    opts = quick(small_chat, tiny_chat_dir, tmp_path, max_steps=1, eval_every=1)
+    train(opts)
+    ran = tmp_path / "the_payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))  # unpickling this would create the file
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(BadInput, match="is not a checkpoint this project wrote"):
+        train(Options(**{**vars(opts), "resume": True}))
+    assert not ran.exists()
+
+
+def test_an_old_pickled_checkpoint_is_named_and_not_loaded(small_chat, tiny_chat_dir, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not read")
+    opts = quick(small_chat, tiny_chat_dir, tmp_path, max_steps=1)
+    with pytest.raises(BadInput, match="checkpoint.pt is a pickled checkpoint from an older sft.py: it can't be loaded safely"):
+        train(Options(**{**vars(opts), "resume": True}))
+    with pytest.raises(BadInput, match="checkpoint.pt exists: pass --resume"):
+        train(opts)

@@ -2,9 +2,6 @@
 nothing, the coherence bounds reject an absurd push, steered cached decoding equals a steered full
 forward, vector files round-trip and drive the CLI, and the probe finds a planted direction."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +9,8 @@ import torch
 import sample
 import steer
 from model import BadInput, KVCache, load_checkpoint, load_tokenizer
+from conftest import ROOT, script
 
-ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "data" / "steer" / "happy.json"
 LAYER = 15  # the middle of SmolLM2's 30 layers
 
@@ -169,14 +166,11 @@ def test_steer_specs_add_up_and_alpha_zero_is_no_steering(tiny_chat_dir, tiny_ad
         sample.steering_hooks(f"{a}:lots", model, made_on)
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
 
 def test_cli_steer_changes_the_replies_with_the_same_seed(tiny_chat_dir, tiny_adapter, tmp_path):
     vector = tiny_vector(tmp_path / "v.safetensors", tiny_chat_dir, tiny_adapter)
     args = ["--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--n", "3", "--max-new-tokens", "6"]
-    plain, steered = run(*args), run(*args, "--steer", f"{vector}:2")
+    plain, steered = script("sample.py", *args), script("sample.py", *args, "--steer", f"{vector}:2")
     assert plain.returncode == 0 and steered.returncode == 0, steered.stderr
     assert len(steered.stdout.splitlines()) == 3 and steered.stdout != plain.stdout
 
@@ -186,7 +180,7 @@ def test_cli_steer_changes_the_replies_with_the_same_seed(tiny_chat_dir, tiny_ad
     ("no_such_vector:1", "error: --steer no_such_vector: no steering vector at out/steer/no_such_vector.safetensors"),
 ])
 def test_cli_bad_steer_is_one_line_and_exit_status_2(tiny_adapter, spec, says):
-    out = run("--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--steer", spec)
+    out = script("sample.py", "--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--steer", spec)
     assert out.returncode == 2 and out.stderr.startswith(says) and out.stderr.count("\n") == 1
 
 

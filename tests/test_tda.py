@@ -2,8 +2,6 @@
 the logit lens against the model's own logits, BM25 by hand, the evaluation end to end, and the CLI."""
 import math
 import random
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +14,8 @@ import torch.nn.functional as F
 import tda
 from model import BadInput, capture, load_checkpoint, load_tokenizer
 from prep import build_examples, load_pair, one_line, tag
+from conftest import script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +171,15 @@ def test_bad_layers_are_one_sentence_naming_the_flag():
     assert tda.parse_layers("", 30) == [7, 15, 22]
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "tda.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
 
 def test_cli_a_missing_index_is_one_line_and_exit_status_2(tmp_path):
-    out = run("query", "--index", str(tmp_path / "none.safetensors"), "--prompt", "[RIYA] hi\\n[FRIEND]")
+    out = script("tda.py", "query", "--index", str(tmp_path / "none.safetensors"), "--prompt", "[RIYA] hi\\n[FRIEND]")
     assert out.returncode == 2 and out.stderr.startswith("error: --index") and len(out.stderr.splitlines()) == 1
 
 
 def test_cli_query_samples_a_reply_and_lists_examples_per_layer(indexed):
     opts, *_ = indexed
-    out = run("query", "--index", opts.index, "--prompt", "[RIYA] you coming?\\n[FRIEND]", "--k", "2")
+    out = script("tda.py", "query", "--index", opts.index, "--prompt", "[RIYA] you coming?\\n[FRIEND]", "--k", "2")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("[FRIEND] ") and lines[0].endswith("(sampled)")
@@ -193,7 +188,7 @@ def test_cli_query_samples_a_reply_and_lists_examples_per_layer(indexed):
 
 
 def test_cli_lens_prints_every_layer_and_draws_the_heatmap(tiny_chat_dir, tmp_path):
-    out = run("lens", "--base", "--model", str(tiny_chat_dir), "--prompt", "[RIYA] you coming?\\n[FRIEND]",
+    out = script("tda.py", "lens", "--base", "--model", str(tiny_chat_dir), "--prompt", "[RIYA] you coming?\\n[FRIEND]",
               "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert [line.split()[0] for line in out.stdout.splitlines()[1:5]] == ["resid.0", "resid.1", "resid.2", "resid.3"]
