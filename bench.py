@@ -41,7 +41,7 @@ from typing import Annotated
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli import BadInput, exit_on_bad_input, parse_options
+from cli import BadInput, Range, exit_on_bad_input, parse_options, write_atomically
 from lora import TARGETS
 from model import config_from_hf, greedy, load_model
 
@@ -52,14 +52,14 @@ SPREAD = 0.25  # runs of one measurement further apart than this, (slowest - fas
 @dataclass
 class Options:
     only: Annotated[str, "comma-separated measurements to run (default: all of " + ", ".join(TASKS) + ")"] = ""
-    repeats: Annotated[int, "timed runs per measurement and round (the median of all is reported)"] = 5
+    repeats: Annotated[int, "timed runs per measurement and round (the median of all is reported)", Range(1)] = 5
     rounds: Annotated[int, "rounds of ours-then-theirs, alternating who goes first: the machine's drift "
-                           "between processes falls on both sides"] = 2
-    warmup: Annotated[int, "untimed runs first (allocator, caches, lazy init)"] = 1
-    prefill_len: Annotated[int, "tokens in the prefill forward"] = 512
-    prompt_len: Annotated[int, "prompt tokens before decoding"] = 16
-    new_tokens: Annotated[int, "tokens decoded per run"] = 64
-    sft_batch: Annotated[int, "examples in the LoRA step's batch"] = 8
+                           "between processes falls on both sides", Range(1)] = 2
+    warmup: Annotated[int, "untimed runs first (allocator, caches, lazy init)", Range(0)] = 1
+    prefill_len: Annotated[int, "tokens in the prefill forward", Range(1)] = 512
+    prompt_len: Annotated[int, "prompt tokens before decoding", Range(1)] = 16
+    new_tokens: Annotated[int, "tokens decoded per run", Range(1)] = 64
+    sft_batch: Annotated[int, "examples in the LoRA step's batch", Range(1)] = 8
     data: Annotated[str, "chat history the LoRA step's batch comes from"] = "data/convos.jsonl"
     out: Annotated[str, "JSON results"] = "out/bench.json"
     worker: Annotated[str, "internal: run one measurement (JSON spec) in this process and print its result"] = ""
@@ -463,8 +463,7 @@ def main():
         print(json.dumps(measure(json.loads(opts.worker))))
         return
     results = bench(opts)
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(opts.out, lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     print(markdown(results))
     print(f"\nwrote {opts.out}")
 

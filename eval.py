@@ -39,7 +39,7 @@ import cli
 import lora
 import sample
 import sft
-from cli import BadInput, exit_on_bad_input, parse_options
+from cli import FRACTION, POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
 from model import capture, pad, scored_logprobs
 from prep import encode_example, load_pair, one_line, split_sessions, tag
 
@@ -50,20 +50,22 @@ class Options:
     data: Annotated[str, "chat history (default: the data the adapter was trained on)"] = ""
     speaker: Annotated[str, "whose messages are simulated and scored: a tag from the data, e.g. FRIEND"] = "FRIEND"
     model: Annotated[str, "base model (default: the one the adapter was trained on)"] = ""
+    allow_other_base: Annotated[bool, "load the adapter even onto a base model other than the one it was "
+                                      "trained on"] = False
     # The split, the short context and the example length are the adapter's (its training.json), so the
     # held-out sessions are the ones it never saw and its examples are built as in training.
     context_messages: Annotated[int | None, "short context: at most this many earlier messages of the "
-                                            "session (default: as the adapter was trained)"] = None
+                                            "session (default: as the adapter was trained)", Range(0)] = None
     session_gap_hours: Annotated[float | None, "a silence this long starts a new session (default: as the "
-                                               "adapter was trained)"] = None
+                                               "adapter was trained)", POSITIVE] = None
     val_frac: Annotated[float | None, "fraction of sessions (the latest) held out (default: as the adapter "
-                                      "was trained)"] = None
-    max_len: Annotated[int | None, "tokens per short-context example (default: as the adapter was trained)"] = None
-    long_context: Annotated[int, "long context: tokens of history per forward; 0 = the model's window"] = 0
+                                      "was trained)", FRACTION] = None
+    max_len: Annotated[int | None, "tokens per short-context example (default: as the adapter was trained)", Range(2)] = None
+    long_context: Annotated[int, "long context: tokens of history per forward; 0 = the model's window", Range(0)] = 0
     max_messages: Annotated[int, "score the speaker's latest N held-out messages (and the messages between "
-                                 "them); 0 = all"] = 200
-    batch_size: Annotated[int, "sequences per forward (short context) and per sampling batch"] = 16
-    samples: Annotated[int, "replies sampled from each model, prompts spread over the held-out messages"] = 64
+                                 "them); 0 = all", Range(0)] = 200
+    batch_size: Annotated[int, "sequences per forward (short context) and per sampling batch", Range(1)] = 16
+    samples: Annotated[int, "replies sampled from each model, prompts spread over the held-out messages", Range(0)] = 64
     seed: Annotated[int, "seed for sampling and the judge's reply order"] = 0
     out: Annotated[str, "JSON results (the length histogram goes next to it)"] = "out/eval.json"
     judge_model: Annotated[str, "an AI judge through an OpenAI-compatible API (default: no judge)"] = ""
@@ -318,9 +320,77 @@ def plot_lengths(replies: dict, path: Path):
 # ---------------------------------------------------------------------------------------------------
 # The AI judge: real or simulated? An error rate of 50% means it cannot tell them apart.
 
+# Any OpenAI-compatible API (the judge; later, a bigger model in context), with every answer cached.
+
+def read_answers(cache_path) -> dict:
+    """The cache: one JSON line {"key", "answer"} per paid answer. A line cut short (a run killed while
+    writing it) or otherwise unreadable is skipped, and its question is asked again."""
+    cached = {}
+    path = Path(cache_path)
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                cached[row["key"]] = row["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return cached
+
+
+def ask_api(prompts: dict, request, model_name, base_url, key_env, cache_path, what="conversations") -> dict:
+    """{key: prompt} -> {key: answer}: each prompt not yet in cache_path goes to the API through
+    request(client, prompt) -> a JSON-able answer, and each answer is appended to the cache as it comes,
+    so an interrupted run pays for no answer twice and a rerun sends nothing. Chat logs are personal
+    data: it says where it sends how many before sending anything, and the key is never printed."""
+    from openai import OpenAI, OpenAIError
+
+    cached = read_answers(cache_path)
+    to_send = {k: p for k, p in prompts.items() if k not in cached}
+    print(f"sending {len(to_send)} {what} ({len(prompts) - len(to_send)} answers cached) to {base_url} "
+          f"({model_name})", file=sys.stderr)
+    if not to_send:
+        return {k: cached[k] for k in prompts}
+    api_key = os.environ.get(key_env)
+    if not api_key:
+        raise BadInput(f"--judge-key-env {key_env}: that environment variable is not set")
+    client = OpenAI(base_url=base_url, api_key=api_key, timeout=60, max_retries=2)
+    cache_path = Path(cache_path)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path, "a", encoding="utf-8") as f:
+        for key, prompt in tqdm(to_send.items(), desc=f"asking {model_name}", unit="request"):
+            try:
+                answer = request(client, prompt)
+            except (OpenAIError, AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+                # A refusal, or a 200 whose body is not what the API promises. One line, and never the
+                # key: servers may echo what they were sent.
+                message = " ".join(str(e).split()).replace(api_key, "[key]")[:300]
+                raise BadInput(f"{base_url} ({model_name}) failed ({type(e).__name__}: {message}); "
+                               f"{len(prompts) - len(to_send)} earlier answers are kept in {cache_path}") from None
+            cached[key] = answer
+            f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+            f.flush()  # every paid answer is on disk before the next request
+    return {k: cached[k] for k in prompts}
+
+
+def chat_answer(model_name):
+    """request() for ask_api: the text of one chat completion. Only the model and the message are
+    sent: reasoning models refuse temperature=0 and max_tokens."""
+    def request(client, prompt):
+        reply = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": prompt}])
+        text = reply.choices[0].message.content
+        if not isinstance(text, str):
+            raise ValueError("the reply holds no text")
+        return text
+
+    return request
+
+
+# The AI judge: real or simulated? An error rate of 50% means it cannot tell them apart.
+
 JUDGE_PROMPT = """Below are the latest messages of a text chat between two people, then two candidates for \
 the next message, written by {speaker}. One is what {speaker} really wrote; the other was written by a language model \
-imitating them. Which one is real? Answer with one letter: A or B.
+imitating them. Which one is real? Think if you like, then end with a line of its own that is exactly \
+"Answer: A" or "Answer: B".
 
 Chat:
 {context}
@@ -328,61 +398,35 @@ Chat:
 Reply A: {a}
 Reply B: {b}"""
 
+ANSWER_LINE = re.compile(r"answer:\s*\(?([AB])\)?\.?", re.IGNORECASE)
+
+
+def picked(answer: str) -> str | None:
+    """The letter the judge's answer ends on ("Answer: A" as its last line), or None when it doesn't
+    end that way. Read strictly: "Reply A reads like a model; the real one is B" is unclear, not A."""
+    lines = [line.strip().strip("*").strip() for line in answer.strip().splitlines() if line.strip()]
+    match = ANSWER_LINE.fullmatch(lines[-1]) if lines else None
+    return match.group(1).upper() if match else None
+
 
 def judge(items, speaker_tag, model_name, base_url, key_env, cache_path, seed) -> dict:
-    """items: [(context lines, real reply, simulated reply)], replies of speaker_tag. Shows each to the judge with the two
-    replies in a seeded random order; answers are cached in cache_path by a hash of (model, URL,
-    prompt) and appended as they come, so an interrupted run pays for no judgement twice."""
-    from openai import OpenAI, OpenAIError
-
+    """items: [(context lines, real reply, simulated reply)], replies of speaker_tag. Shows each to the
+    judge with the two replies in a seeded random order; answers are cached (ask_api)."""
     rng = random.Random(seed)
-    jobs = []  # (cache key, prompt, letter of the real reply)
-    for context, real, simulated in items:
+    prompts, real = {}, {}  # cache key -> prompt, and the letter of the real reply
+    for context, real_reply, simulated in items:
         real_first = rng.random() < 0.5
-        a, b = (real, simulated) if real_first else (simulated, real)
+        a, b = (real_reply, simulated) if real_first else (simulated, real_reply)
         prompt = JUDGE_PROMPT.format(speaker=speaker_tag, context="\n".join(context) or "(the chat begins here)",
                                      a=a, b=b)
         key = hashlib.sha256(json.dumps([model_name, base_url, prompt]).encode()).hexdigest()
-        jobs.append((key, prompt, "A" if real_first else "B"))
-
-    cache_path = Path(cache_path)
-    cached = {}
-    if cache_path.exists():
-        for line in cache_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                cached[row["key"]] = row["answer"]
-    to_send = [j for j in jobs if j[0] not in cached]
-    # Chat logs are personal data: say where they go before anything is sent.
-    print(f"judge: sending {len(to_send)} conversations ({len(jobs) - len(to_send)} answers cached) to "
-          f"{base_url} ({model_name})", file=sys.stderr)
-    if to_send:
-        api_key = os.environ.get(key_env)
-        if not api_key:
-            raise BadInput(f"--judge-key-env {key_env}: that environment variable is not set")
-        client = OpenAI(base_url=base_url, api_key=api_key, timeout=60, max_retries=2)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(cache_path, "a") as f:
-            for key, prompt, _ in tqdm(to_send, desc="judge", unit="chat"):
-                try:
-                    # Only the model and the message: reasoning models refuse temperature=0 and max_tokens.
-                    reply = client.chat.completions.create(model=model_name,
-                                                           messages=[{"role": "user", "content": prompt}])
-                    answer = reply.choices[0].message.content or ""
-                except OpenAIError as e:
-                    # One line, and never the key: servers may echo what they were sent.
-                    message = " ".join(str(e).split()).replace(api_key, "[key]")[:300]
-                    raise BadInput(f"the judge at {base_url} failed ({type(e).__name__}: {message}); "
-                                   f"{len(cached)} answers are kept in {cache_path}") from None
-                cached[key] = answer
-                f.write(json.dumps({"key": key, "answer": answer}) + "\n")
-                f.flush()  # every paid answer is on disk before the next request
-
-    picks = [re.search(r"\b([AB])\b", cached[key]) for key, _, _ in jobs]
-    judged = [(p.group(1), real) for p, (_, _, real) in zip(picks, jobs) if p]
-    wrong = sum(pick != real for pick, real in judged)
+        prompts[key], real[key] = prompt, "A" if real_first else "B"
+    answers = ask_api(prompts, chat_answer(model_name), model_name, base_url, key_env, cache_path)
+    picks = {key: picked(answer) if isinstance(answer, str) else None for key, answer in answers.items()}
+    judged = [(pick, real[key]) for key, pick in picks.items() if pick]
+    wrong = sum(pick != r for pick, r in judged)
     return {"model": model_name, "base_url": base_url, "judgements": len(judged),
-            "unclear": len(jobs) - len(judged), "error_rate": wrong / len(judged) if judged else None}
+            "unclear": len(prompts) - len(judged), "error_rate": wrong / len(judged) if judged else None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,7 +434,7 @@ def judge(items, speaker_tag, model_name, base_url, key_env, cache_path, seed) -
 
 def evaluate(opts: Options) -> dict:
     t0 = time.time()
-    tuned = sft.load_tuned(opts.adapter, opts.model)
+    tuned = sft.load_tuned(opts.adapter, opts.model, allow_other_base=opts.allow_other_base)
     model, tok = tuned.model, tuned.tok
     data = sft.data_settings(tuned.training, opts)
     messages, _ = load_pair(data.data)
@@ -504,8 +548,7 @@ def main():
     opts = parse_options(Options, GPU_DEFAULTS)
     result = evaluate(opts)
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    cli.write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     print(markdown(result))
     print(f"\nwrote {out}; wall time {result['seconds']['total'] / 60:.1f} min")
 

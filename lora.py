@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cli import BadInput, write_atomically
+from cli import BadInput, read_json, write_atomically
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -220,10 +220,7 @@ def read_training(adapter_dir) -> dict | None:
     path = Path(adapter_dir) / TRAINING
     if not path.exists():
         return None
-    try:
-        training = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    training = read_json(path)
     if not isinstance(training, dict):
         raise BadInput(f"{path}: expected a JSON object of training options")
     return training
@@ -239,7 +236,9 @@ def load_adapter(model, adapter_dir) -> dict:
                        f"save_adapter or PEFT's save_pretrained)")
     if not weights_path.exists():
         raise BadInput(f"--adapter {adapter_dir}: no adapter_model.safetensors (pickled .bin is not loaded)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise BadInput(f"{config_path}: expected a JSON object of adapter settings")
     unsupported = {k: config[k] for k in UNSUPPORTED if config.get(k)}
     if config.get("peft_type") != "LORA":
         unsupported["peft_type"] = config.get("peft_type")
@@ -249,23 +248,33 @@ def load_adapter(model, adapter_dir) -> dict:
         unsupported["target_modules"] = config["target_modules"]
     if unsupported:
         raise BadInput(f"{config_path} asks for {unsupported}, which this LoRA does not implement")
-
+    checks = {"r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"),
+              "lora_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                             "a positive number"),
+              "lora_dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+              "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v),
+                                 "a list of module names")}
+    for key, (ok, what) in checks.items():
+        value = config.get(key, 0.0 if key == "lora_dropout" else None)
+        if not ok(value):
+            raise BadInput(f"{config_path}: {key!r} must be {what}, got {value!r}")
     add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
              targets=config["target_modules"], rslora=config.get("use_rslora", False))
     params = peft_keys(model)
-    with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-        saved = set(f.keys())
-        missing, unexpected = sorted(params.keys() - saved), sorted(saved - params.keys())
-        if missing or unexpected:
-            raise BadInput(f"{weights_path} does not match its adapter_config.json: missing tensors "
-                           f"{missing[:5]}, unexpected tensors {unexpected[:5]}")
-        with torch.no_grad():
-            for key, p in params.items():
-                t = f.get_tensor(key)
-                if t.shape != p.shape:
-                    raise BadInput(f"{weights_path}: {key} has shape {list(t.shape)}, "
-                                   f"expected {list(p.shape)}")
-                p.copy_(t)  # to the adapter's fp32 and device
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            saved = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise BadInput(f"{weights_path} is not a readable safetensors file ({' '.join(str(e).split())[:120]})") from None
+    missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+    if missing or unexpected:
+        raise BadInput(f"{weights_path} does not match its adapter_config.json: missing tensors "
+                       f"{missing[:5]}, unexpected tensors {unexpected[:5]}")
+    with torch.no_grad():
+        for key, p in params.items():
+            if saved[key].shape != p.shape:
+                raise BadInput(f"{weights_path}: {key} has shape {list(saved[key].shape)}, expected {list(p.shape)}")
+            p.copy_(saved[key])  # to the adapter's fp32 and device
     return config
 
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from cli import BadInput, exit_on_bad_input, parse_options
+from cli import BadInput, read_json, Range, exit_on_bad_input, parse_options
 
 
 @dataclass(frozen=True)
@@ -45,30 +45,51 @@ class Config:
     max_seq_len: int  # positions the model was trained on; callers trim their context to it
 
 
-def config_from_hf(hf: dict) -> Config:
-    """A Hugging Face config.json (Mistral or Llama) -> Config. Rejects what this forward doesn't do."""
+def config_from_hf(hf: dict, source="config.json") -> Config:
+    """A Hugging Face config.json (Mistral or Llama) -> Config. Rejects what this forward doesn't do,
+    and numbers that are missing or of the wrong kind, naming the key."""
+    if not isinstance(hf, dict):
+        raise BadInput(f"{source}: expected a JSON object of model settings")
+
+    def number(key, kind=int, optional=False):
+        value = hf.get(key)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+            raise BadInput(f"{source}: {key!r} must be a positive {'number' if kind is float else 'integer'}, "
+                           f"got {value!r}")
+        return value
+
     rope = hf.get("rope_parameters") or {}  # transformers 5 nests rope_theta here; Hub configs don't
+    if not isinstance(rope, dict):
+        raise BadInput(f"{source}: 'rope_parameters' must be a JSON object, got {rope!r}")
     unsupported = {k: hf[k] for k in ("rope_scaling", "attention_bias", "mlp_bias") if hf.get(k)}
     if rope.get("rope_type", "default") != "default":
         unsupported["rope_parameters"] = rope
     if hf.get("hidden_act", "silu") != "silu":
         unsupported["hidden_act"] = hf["hidden_act"]
     if unsupported:
-        raise BadInput(f"config.json asks for {unsupported}, which this Mistral forward does not implement")
-    n_heads = hf["num_attention_heads"]
+        raise BadInput(f"{source} asks for {unsupported}, which this Mistral forward does not implement")
+    n_heads, dim = number("num_attention_heads"), number("hidden_size")
+    n_kv_heads = number("num_key_value_heads", optional=True) or n_heads
+    if n_heads % n_kv_heads:
+        raise BadInput(f"{source}: {n_heads} attention heads can't share {n_kv_heads} key/value heads evenly")
+    theta = hf["rope_theta"] if "rope_theta" in hf else rope.get("rope_theta")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise BadInput(f"{source}: 'rope_theta' must be a positive number, got {theta!r}")
     return Config(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
+        vocab_size=number("vocab_size"),
+        dim=dim,
+        n_layers=number("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        hidden_dim=hf["intermediate_size"],
-        norm_eps=hf["rms_norm_eps"],
-        rope_theta=float(hf["rope_theta"] if "rope_theta" in hf else rope["rope_theta"]),
-        sliding_window=hf.get("sliding_window"),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        max_seq_len=hf["max_position_embeddings"],
+        n_kv_heads=n_kv_heads,
+        head_dim=number("head_dim", optional=True) or dim // n_heads,
+        hidden_dim=number("intermediate_size"),
+        norm_eps=number("rms_norm_eps", float),
+        rope_theta=float(theta),
+        sliding_window=number("sliding_window", optional=True),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=number("max_position_embeddings"),
     )
 
 
@@ -402,11 +423,16 @@ class HFTokenizer:
 
 def load_tokenizer(path):
     path = Path(path)
-    if (path / "tokenizer.model").exists():
-        return SentencePieceTokenizer(path / "tokenizer.model")
-    if (path / "tokenizer.json").exists():
-        hf = json.loads((path / "config.json").read_text())
-        return HFTokenizer(path / "tokenizer.json", hf.get("bos_token_id"), hf.get("eos_token_id"))
+    try:
+        if (path / "tokenizer.model").exists():
+            return SentencePieceTokenizer(path / "tokenizer.model")
+        if (path / "tokenizer.json").exists():
+            hf = read_json(path / "config.json")
+            return HFTokenizer(path / "tokenizer.json", hf.get("bos_token_id"), hf.get("eos_token_id"))
+    except BadInput:
+        raise
+    except Exception as e:  # the two tokenizer libraries raise kinds of their own on a corrupt file
+        raise BadInput(f"{path}: its tokenizer file can't be read ({type(e).__name__})") from None
     raise BadInput(f"{path} has no tokenizer.model or tokenizer.json")
 
 
@@ -416,10 +442,14 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Mistral:
     path = Path(path)
     if not (path / "config.json").exists():
         raise BadInput(f"{path} has no config.json; expected a Hugging Face model directory")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise BadInput(f"{index}: expected a \"weight_map\" of tensor names to files")
+        files = sorted(set(map(str, weight_map.values())))
     else:
         files = [f.name for f in sorted(path.glob("*.safetensors"))]
     if not files:
@@ -429,18 +459,38 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Mistral:
     # 7B model never sits in memory twice.
     with torch.device("meta"):
         model = Mistral(cfg)
+    expected = model.state_dict()
     state = {}
     for name in files:
-        with safe_open(str(path / name), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                state[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
-    expected = model.state_dict().keys()
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        try:
+            with safe_open(str(path / name), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    state[key.removeprefix("model.")] = f.get_tensor(key).to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise BadInput(f"{path / name} is not a readable safetensors file ({' '.join(str(e).split())[:120]})") from None
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise BadInput(f"{path}: checkpoint does not match config.json: missing tensors {missing[:5]}, "
                        f"unexpected tensors {unexpected[:5]}")
+    wrong = [k for k in expected if state[k].shape != expected[k].shape]
+    if wrong:
+        raise BadInput(f"{path}: tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, but config.json "
+                       f"makes it {list(expected[wrong[0]].shape)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def fingerprint(model: Mistral) -> str:
+    """A short hash that tells base models apart: their architecture and a few of their weights (the
+    final norm and the first embedding rows, in fp32, so bf16 and fp32 copies of one model agree). An
+    adapter records its base's, so that it is not loaded onto another model by mistake."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True).encode())
+    for w in (model.norm.weight, model.embed_tokens.weight[:4]):
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(name_or_path="smollm2-135m", dtype=None, device=None):
@@ -496,7 +546,7 @@ def greedy(model: Mistral, tokens, max_new_tokens: int, stop=None):
 class Options:
     model: Annotated[str, "smollm2-135m (embedded), a local HF directory, or a Hub id"] = "smollm2-135m"
     prompt: Annotated[str, "text to continue"] = "The capital of France is"
-    max_new_tokens: Annotated[int, "tokens to add"] = 30
+    max_new_tokens: Annotated[int, "tokens to add", Range(1)] = 30
 
 
 def main():

@@ -16,6 +16,7 @@ import io
 import json
 import random
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cli import BadInput, exit_on_bad_input, write_atomically
+from cli import BadInput, Parser, exit_on_bad_input, read_json, write_atomically
 
 # Importers: every chat export becomes one list of Messages plus a Counter of what was dropped and why.
 # Nothing is skipped silently: a photo, a "Missed voice call" or a deleted message is counted under a
@@ -90,7 +91,7 @@ def _detect_format(path: Path) -> str:
     if suffix == ".json":
         # The three JSON exporters are told apart by their keys. The reader parses the file again;
         # chat exports are small next to anything a training run reads.
-        data = _load_json(path)
+        data = read_json(path)
         if isinstance(data, dict):
             items = data.get("messages") if isinstance(data.get("messages"), list) else []
             items = [m for m in items if isinstance(m, dict)]
@@ -113,17 +114,40 @@ def _read_text(path: Path) -> str:
         raise BadInput(f"{path} is not UTF-8 text") from None
 
 
-def _load_json(path: Path):
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-
-def _json_messages(path: Path, data, exporter: str) -> list:
+def _json_messages(path: Path, data, exporter: str) -> list[dict]:
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise BadInput(f'{path} is not a {exporter} export: it has no "messages" list')
+    for i, m in enumerate(data["messages"], 1):
+        if not isinstance(m, dict):
+            raise BadInput(f"{path}: message {i} is not a JSON object but {type(m).__name__}")
     return data["messages"]
+
+
+_MISSING = object()
+_KINDS = {str: "text", int: "a number", float: "a number", dict: "an object", list: "a list", type(None): "null"}
+
+
+def _get(m: dict, key: str, kinds, where: str, default=_MISSING):
+    """m[key], which must be one of kinds (a type or a tuple of them); else one sentence naming where
+    and key. A JSON export's fields are checked where they are read, so a null or a number where text
+    belongs is an error that says so, not a traceback or a message silently changed."""
+    if key not in m:
+        if default is _MISSING:
+            raise BadInput(f'{where} has no "{key}"')
+        return default
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    value = m[key]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(dict.fromkeys(_KINDS.get(k, k.__name__) for k in kinds))
+        raise BadInput(f'{where}: "{key}" must be {expected}, not {_KINDS.get(type(value), type(value).__name__)}')
+    return value
+
+
+def _unix_time(seconds, where: str, key: str) -> datetime:
+    try:
+        return datetime.fromtimestamp(float(seconds), timezone.utc)
+    except (OverflowError, OSError, ValueError):  # inf, NaN, text, or too far from 1970 for the platform
+        raise BadInput(f'{where}: "{key}" {seconds!r} is not a time') from None
 
 
 def _parse_time(text: str) -> datetime:
@@ -173,6 +197,9 @@ def _read_whatsapp(path: Path) -> tuple[list[Message], Counter]:
 
     # Pass 2: the locale's date order, decided by the whole file. "03/04/19" alone is ambiguous, but a
     # file that has "31/12/19" somewhere writes the day first, and one with "12/31/19" the month first.
+    impossible = next((n for n, f, _ in entries if len(f[0]) < 4 and int(f[0]) > 12 and int(f[1]) > 12), None)
+    if impossible:  # neither field can be the month
+        raise BadInput(f"{path}:{impossible}: not a valid date and time")
     day_first_line = next((n for n, f, _ in entries if len(f[0]) < 4 and int(f[0]) > 12), None)
     month_first_line = next((n for n, f, _ in entries if len(f[0]) < 4 and int(f[1]) > 12), None)
     if day_first_line and month_first_line:
@@ -233,64 +260,80 @@ def _whatsapp_time(fields, day_first: bool) -> datetime:
 _TELEGRAM_MEDIA = ("photo", "file", "media_type", "contact_information", "location_information", "poll")
 
 
+def _telegram_text(text, where: str) -> str:
+    """Telegram's "text": a string, or rich text: a list mixing strings with entities such as
+    {"type": "link", "text": "..."} (one entity may also stand alone); flattened to the text shown."""
+    parts = text if isinstance(text, list) else [text]
+    out = []
+    for part in parts:
+        if isinstance(part, dict):
+            part = _get(part, "text", str, f"{where}: a text entity")
+        if not isinstance(part, str):
+            raise BadInput(f'{where}: "text" must be text or a list of text and entities, '
+                           f'not {_KINDS.get(type(part), type(part).__name__)}')
+        out.append(part)
+    return "".join(out)
+
+
 def _read_telegram(path: Path) -> tuple[list[Message], Counter]:
-    data = _load_json(path)
+    data = read_json(path)
     if isinstance(data, dict) and "chats" in data:
         raise BadInput(f"{path} is a whole-account Telegram export; export one chat instead "
                        f"(open the chat, then ⋮ > Export chat history, format JSON)")
     messages, dropped = [], Counter()
     for i, m in enumerate(_json_messages(path, data, "Telegram"), 1):
-        try:
-            if m["type"] == "service":  # joins, pins, calls, "changed the group photo"
-                dropped["system"] += 1
-                continue
-            if "forwarded_from" in m:  # someone else's words, not how the sender writes
-                dropped["forwarded"] += 1
-                continue
-            # Formatted text is a list mixing plain strings with entities: {"type": "link", "text": ...}.
-            text = m["text"] if isinstance(m["text"], str) else "".join(
-                part if isinstance(part, str) else part["text"] for part in m["text"])
-            if not text.strip():  # a photo or file with a caption keeps the caption as its text
-                dropped["media" if any(key in m for key in _TELEGRAM_MEDIA) else "empty"] += 1
-                continue
-            # "date" is the exporting computer's local time; "date_unixtime" (newer exports) is exact.
-            if "date_unixtime" in m:
-                time = datetime.fromtimestamp(int(m["date_unixtime"]), timezone.utc)
-            else:
-                time = datetime.fromisoformat(m["date"])
-            # A deleted account exports as "from": null; its "from_id" still tells it apart.
-            messages.append(Message(time, m["from"] or m["from_id"], text))
-        except KeyError as e:
-            raise BadInput(f'{path}: message {i} has no "{e.args[0]}"') from None
-        except ValueError:
-            raise BadInput(f"{path}: message {i} has an unreadable date") from None
+        where = f"{path}: message {i}"
+        if _get(m, "type", str, where) == "service":  # joins, pins, calls, "changed the group photo"
+            dropped["system"] += 1
+            continue
+        if "forwarded_from" in m:  # someone else's words, not how the sender writes
+            dropped["forwarded"] += 1
+            continue
+        text = _telegram_text(_get(m, "text", (str, list, dict), where), where)
+        if not text.strip():  # a photo or file with a caption keeps the caption as its text
+            dropped["media" if any(key in m for key in _TELEGRAM_MEDIA) else "empty"] += 1
+            continue
+        # "date" is the exporting computer's local time; "date_unixtime" (newer exports) is exact.
+        if "date_unixtime" in m:
+            time = _unix_time(_get(m, "date_unixtime", (str, int), where), where, "date_unixtime")
+        else:
+            try:
+                time = datetime.fromisoformat(_get(m, "date", str, where))
+            except ValueError:
+                raise BadInput(f"{where} has an unreadable date") from None
+        # A deleted account exports as "from": null; its "from_id" still tells it apart.
+        speaker = _get(m, "from", (str, type(None)), where, None) or _get(m, "from_id", str, where)
+        messages.append(Message(time, speaker, text))
     return messages, dropped
 
 
 # DiscordChatExporter's JSON: one channel (or DM) with its "messages".
 def _read_discord(path: Path) -> tuple[list[Message], Counter]:
     messages, dropped = [], Counter()
-    for i, m in enumerate(_json_messages(path, _load_json(path), "DiscordChatExporter"), 1):
-        try:
-            # Only these two types are written by a person; the others (pins, joins, renames,
-            # "started a call") are Discord's own notices.
-            if m["type"] not in ("Default", "Reply"):
-                dropped["call" if m["type"] == "Call" else "system"] += 1
-                continue
-            if m["author"].get("isBot"):
-                dropped["bot"] += 1
-                continue
-            if not m["content"].strip():
-                dropped["media" if m.get("attachments") or m.get("stickers") else "empty"] += 1
-                continue
-            # The exporter writes the offset of the computer it ran on; convert so all times are UTC.
-            time = datetime.fromisoformat(m["timestamp"]).astimezone(timezone.utc)
-            speaker = m["author"].get("nickname") or m["author"]["name"]  # the name people see in the chat
-            messages.append(Message(time, speaker, m["content"]))
-        except KeyError as e:
-            raise BadInput(f'{path}: message {i} has no "{e.args[0]}"') from None
-        except ValueError:
-            raise BadInput(f"{path}: message {i} has an unreadable timestamp") from None
+    for i, m in enumerate(_json_messages(path, read_json(path), "DiscordChatExporter"), 1):
+        where = f"{path}: message {i}"
+        # Only these two types are written by a person; the others (pins, joins, renames,
+        # "started a call") are Discord's own notices.
+        kind = _get(m, "type", str, where)
+        if kind not in ("Default", "Reply"):
+            dropped["call" if kind == "Call" else "system"] += 1
+            continue
+        author = _get(m, "author", dict, where)
+        if author.get("isBot"):
+            dropped["bot"] += 1
+            continue
+        content = _get(m, "content", str, where)
+        if not content.strip():
+            dropped["media" if m.get("attachments") or m.get("stickers") else "empty"] += 1
+            continue
+        try:  # the exporter writes the offset of the computer it ran on; convert so all times are UTC
+            time = datetime.fromisoformat(_get(m, "timestamp", str, where)).astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            raise BadInput(f"{where} has an unreadable timestamp") from None
+        # The name people see in the chat.
+        speaker = _get(author, "nickname", (str, type(None)), f"{where}: author", None) or \
+            _get(author, "name", str, f"{where}: author")
+        messages.append(Message(time, speaker, content))
     return messages, dropped
 
 
@@ -319,30 +362,33 @@ def _read_messenger(path: Path) -> tuple[list[Message], Counter]:
             raise BadInput(f"{path} has no message_*.json files; expected a Messenger conversation folder")
     else:
         files = [path]
-    messages, dropped = [], Counter()
+    messages, dropped, seen = [], Counter(), set()
     for file in files:
         # Each file lists the newest message first; reversed, messages in the same millisecond keep order.
-        for i, m in reversed(list(enumerate(_json_messages(file, _load_json(file), "Messenger"), 1))):
-            try:
-                content = _fix_mojibake(m.get("content", ""))
-                note = content.strip()
-                if m.get("is_unsent"):
-                    dropped["deleted"] += 1
-                elif m.get("type") == "Call":
-                    dropped["call"] += 1
-                elif m.get("type") in ("Subscribe", "Unsubscribe"):  # someone joined or left a group
-                    dropped["system"] += 1
-                elif _MESSENGER_REACTION.fullmatch(note):  # older exports log reactions as messages
-                    dropped["reaction"] += 1
-                elif _MESSENGER_ATTACHMENT.fullmatch(note):  # all that's left of an attachment
-                    dropped["media"] += 1
-                elif not note:
-                    dropped["media" if any(key in m for key in _MESSENGER_MEDIA) else "empty"] += 1
-                else:
-                    time = datetime.fromtimestamp(m["timestamp_ms"] / 1000, timezone.utc)
-                    messages.append(Message(time, _fix_mojibake(m["sender_name"]), content))
-            except KeyError as e:
-                raise BadInput(f'{file}: message {i} has no "{e.args[0]}"') from None
+        for i, m in reversed(list(enumerate(_json_messages(file, read_json(file), "Messenger"), 1))):
+            where = f"{file}: message {i}"
+            content = _fix_mojibake(_get(m, "content", str, where, ""))
+            note = content.strip()
+            if m.get("is_unsent"):
+                dropped["deleted"] += 1
+            elif m.get("type") == "Call":
+                dropped["call"] += 1
+            elif m.get("type") in ("Subscribe", "Unsubscribe"):  # someone joined or left a group
+                dropped["system"] += 1
+            elif _MESSENGER_REACTION.fullmatch(note):  # older exports log reactions as messages
+                dropped["reaction"] += 1
+            elif _MESSENGER_ATTACHMENT.fullmatch(note):  # all that's left of an attachment
+                dropped["media"] += 1
+            elif not note:
+                dropped["media" if any(key in m for key in _MESSENGER_MEDIA) else "empty"] += 1
+            else:
+                millis = _get(m, "timestamp_ms", (int, float), where)
+                sender = _fix_mojibake(_get(m, "sender_name", str, where))
+                if (millis, sender, content) in seen:  # the same message in two of the folder's files
+                    dropped["duplicate"] += 1
+                    continue
+                seen.add((millis, sender, content))
+                messages.append(Message(_unix_time(millis / 1000, where, "timestamp_ms"), sender, content))
     return messages, dropped
 
 
@@ -355,9 +401,28 @@ _CSV_COLUMNS = {
 }
 
 
+def _csv_rows(path: Path):
+    """(line number, row) of a CSV file, read strictly: an unmatched quote (which would glue the rest of
+    the file into one field) or stray text after a closing quote is an error naming the line."""
+    csv.field_size_limit(2**31 - 1)  # a long message is a message; the default cap is 128 KiB
+    rows = csv.reader(io.StringIO(_read_text(path)), strict=True)
+    done = 0  # the line the last whole row ended on
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise BadInput(f'{path}:{done + 1}: a quoted field opened on this line is never closed (an unmatched ")') from None
+            raise BadInput(f"{path}:{rows.line_num}: not valid CSV ({e})") from None
+        done = rows.line_num  # a quoted field can span several lines: the row ends here
+        yield done, row
+
+
 def _read_csv(path: Path) -> tuple[list[Message], Counter]:
-    rows = csv.reader(io.StringIO(_read_text(path)))
-    header = [name.strip().lower() for name in next(rows, [])]
+    rows = _csv_rows(path)
+    header = [name.strip().lower() for name in next(rows, (0, []))[1]]
     column = {}
     for role, aliases in _CSV_COLUMNS.items():
         found = [header.index(alias) for alias in aliases if alias in header]
@@ -366,12 +431,12 @@ def _read_csv(path: Path) -> tuple[list[Message], Counter]:
         elif role != "conversation":
             raise BadInput(f"{path} has no {role} column; its header needs one of: {', '.join(aliases)}")
     messages, dropped = [], Counter()
-    for row in rows:
-        n = rows.line_num  # the line the row ends on (a quoted field can span several)
+    for n, row in rows:
         if not row:
             continue
-        if len(row) < len(header):
-            raise BadInput(f"{path}:{n}: {len(row)} fields, but the header has {len(header)}")
+        if len(row) != len(header):  # more: most often a comma in an unquoted text, which would cut it
+            raise BadInput(f"{path}:{n}: {len(row)} fields, but the header has {len(header)}"
+                           + ("; quote a text that holds a comma" if len(row) > len(header) else ""))
         try:
             time = _parse_time(row[column["time"]].strip())
         except ValueError:
@@ -398,6 +463,8 @@ def _read_jsonl(path: Path) -> tuple[list[Message], Counter]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise BadInput(f"{path}:{n}: JSON nested too deeply to read") from None
         if not isinstance(row, dict):
             raise BadInput(f"{path}:{n}: expected a JSON object")
         for key in ("time", "speaker", "text"):
@@ -450,8 +517,8 @@ def read_chitchat(rank: int = 0) -> tuple[list[Message], Counter]:
     """All two-person conversations of the pair at this rank (0 = most messages), sorted by time."""
     by_pair = _chitchat_by_pair()
     if not 0 <= rank < len(by_pair):
-        raise BadInput(f"rank {rank} is not a chitchat pair; the corpus has {len(by_pair)} two-person pairs "
-                       f"(ranks 0..{len(by_pair) - 1})")
+        raise BadInput(f"--pair {rank} is not a chitchat pair; the corpus has {len(by_pair)} two-person pairs "
+                       f"(--pair 0 .. {len(by_pair) - 1})")
     messages, dropped = [], Counter()
     for key, flat in list(by_pair.values())[rank]:
         for m in flat:
@@ -473,12 +540,14 @@ def read_chitchat(rank: int = 0) -> tuple[list[Message], Counter]:
 # Tags are ordinary text, not new special tokens: a new token's embedding starts untrained, so the
 # model would meet the most important token of every line as an out-of-distribution vector.
 
-TAG_LINE = re.compile(r"^\[[A-Z0-9_]+\]", re.MULTILINE)  # a line that starts like a simulator's output
+TAG_LINE = re.compile(r"^\[[\w-]+\]", re.MULTILINE)  # a line that starts like a speaker tag (in any script)
 
 
 def tag(speaker: str) -> str:
-    """"Riya Patel" -> "[RIYA_PATEL]"."""
-    return "[" + (re.sub(r"[^0-9A-Za-z]+", "_", speaker).strip("_").upper() or "SPEAKER") + "]"
+    """"Riya Patel" -> "[RIYA_PATEL]", "Ana-María" -> "[ANA-MARÍA]", "明" -> "[明]": letters and digits of
+    any script and hyphens kept, every other run of characters one underscore, upper case."""
+    name = re.sub(r"[^\w-]+|_+", "_", unicodedata.normalize("NFC", speaker)).strip("_-").upper()
+    return "[" + (name or "SPEAKER") + "]"
 
 
 def one_line(text: str) -> str:
@@ -486,20 +555,22 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def choose_pair(messages, me=None, friend=None, source="the data"):
+def choose_pair(messages, me=None, friend=None, source="the data", how="with --me NAME --friend NAME"):
     """Keep the messages of two people: me and friend, each "SPEAKER" or "SPEAKER=NEW NAME", where
     SPEAKER is a name in the data or 1/2 for the first/second person to speak. With no choice given,
-    the data must hold exactly two speakers. Returns (messages, drops)."""
+    the data must hold exactly two speakers. how: what to tell a user whose data holds more. Returns
+    (messages, drops)."""
     counts = Counter(m.speaker for m in messages)
     order = list(dict.fromkeys(m.speaker for m in messages))  # by first message
     listing = ", ".join(f"{s!r} ({n})" for s, n in counts.most_common(8))
     if len(counts) < 2:
         raise BadInput(f"{source} has only one speaker ({listing}): a conversation needs both sides; "
                        "export the chat with both people's messages")
-    if me is None and friend is None:
+    if (me is None) != (friend is None):
+        raise BadInput(f"{'--me' if me else '--friend'} needs {'--friend' if me else '--me'} too: name both people")
+    if me is None:
         if len(counts) > 2:
-            raise BadInput(f"{source} has {len(counts)} speakers ({listing}, ...): choose two with "
-                           "--me NAME --friend NAME")
+            raise BadInput(f"{source} has {len(counts)} speakers ({listing}, ...): choose two {how}")
         me, friend = order
 
     def resolve(choice, flag):
@@ -516,33 +587,31 @@ def choose_pair(messages, me=None, friend=None, source="the data"):
         return found, new or found
 
     (me_old, me_new), (friend_old, friend_new) = resolve(me, "--me"), resolve(friend, "--friend")
-    if me_old == friend_old or tag(me_new) == tag(friend_new):
+    if me_old == friend_old:
         raise BadInput(f"--me and --friend must name two different people (got {me!r} and {friend!r})")
+    if tag(me_new) == tag(friend_new):
+        raise BadInput(f"{me_new!r} and {friend_new!r} would both be {tag(me_new)} in the chat format; rename one, "
+                       f"e.g. --friend '{friend_old}=NEW NAME'")
     names = {me_old: me_new, friend_old: friend_new}
     kept = [Message(m.time, names[m.speaker], m.text, m.conversation) for m in messages if m.speaker in names]
     return kept, Counter({"other speakers": len(messages) - len(kept)} if len(kept) < len(messages) else {})
 
 
 def clean(messages):
-    """Drop exact duplicates (overlapping exports) and text a simulator wrote (a pasted model reply
-    carries our speaker tags), counting each drop. Returns (messages, drops)."""
-    seen, kept, drops = set(), [], Counter()
-    for m in messages:
-        key = (m.time, m.speaker, m.text)
-        if key in seen:
-            drops["duplicate"] += 1
-        elif TAG_LINE.search(m.text):
-            drops["simulator text"] += 1
-        else:
-            seen.add(key)
-            kept.append(m)
-    return kept, drops
+    """Drop text a simulator wrote: a pasted model reply carries the two people's own speaker tags at
+    the start of a line. Counted. A message that merely starts with a bracket ("[1] bring snacks") is
+    a message, and so is the same message sent twice in a minute. Returns (messages, drops)."""
+    tags = {tag(s) for s in {m.speaker for m in messages}}
+    pasted = re.compile(r"^(?:" + "|".join(map(re.escape, sorted(tags))) + r")(?:\s|$)", re.MULTILINE)
+    kept = [m for m in messages if not pasted.search(m.text)]
+    return kept, Counter({"simulator text": len(messages) - len(kept)} if len(kept) < len(messages) else {})
 
 
 def load_pair(path, me=None, friend=None):
     """Any export prep reads -> (the two people's cleaned messages, drops by reason)."""
     messages, drops = read_export(path)
-    messages, dropped = choose_pair(messages, me, friend, source=str(path))
+    how = f"with python prep.py {path} --me NAME --friend NAME --out data/chat.jsonl, then use data/chat.jsonl"
+    messages, dropped = choose_pair(messages, me, friend, source=str(path), how=how)
     drops += dropped
     messages, dropped = clean(messages)
     drops += dropped
@@ -640,7 +709,7 @@ def build_examples(messages, tok, context_messages=8, gap_hours=3.0, val_frac=0.
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", help="a chat export (file, or a Messenger folder), or 'chitchat' for the public corpus")
     p.add_argument("--format", choices=FORMATS, help="skip format detection")
     p.add_argument("--me", help="SPEAKER or SPEAKER=NEW_NAME: you (a name in the export, or 1/2 = first/second to speak)")
@@ -658,7 +727,6 @@ def main():
     drops += dropped
     messages, dropped = clean(messages)
     drops += dropped
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(messages, args.out)
     per_speaker = ", ".join(f"{tag(s)} {n}" for s, n in Counter(m.speaker for m in messages).most_common())
     print(f"{args.export}: {n_read} messages read; dropped {dict(drops.most_common()) or 'none'}")

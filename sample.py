@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 import lora
 import sft
-from cli import BadInput, exit_on_bad_input, parse_options
+from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
 from model import KVCache, add, pad
 from prep import TAG_LINE, one_line, read_export, tag
 
@@ -39,21 +39,23 @@ class Options:
     prompt: Annotated[str, "the conversation so far, '[TAG] text' lines ('\\n' for a line break)"] = ""
     adapter: Annotated[str, "adapter directory from sft.py"] = sft.ADAPTER
     base: Annotated[bool, "no adapter: the base model alone"] = False
+    allow_other_base: Annotated[bool, "load the adapter even onto a base model other than the one it was "
+                                      "trained on"] = False
     model: Annotated[str, "base model (default: the one the adapter was trained on; with --base, "
                           f"{sft.Options.model})"] = ""
     compare: Annotated[bool, "print base and fine-tuned replies side by side, same seed"] = False
     chat: Annotated[bool, "interactive: you type as --me, the model answers as --speaker"] = False
     me: Annotated[str, "your tag in --chat"] = "RIYA"
-    loop: Annotated[int, "let the model play both people for this many messages after --prompt"] = 0
-    n: Annotated[int, "replies to sample at once (one batch)"] = 1
-    max_new_tokens: Annotated[int, "longest reply, in tokens"] = 60
-    temperature: Annotated[float, "0 = greedy"] = 0.8
-    top_k: Annotated[int, "keep the k most likely tokens; 0 = all"] = 0
-    top_p: Annotated[float, "keep the most likely tokens up to this probability mass"] = 0.95
-    min_p: Annotated[float, "drop tokens less likely than min_p times the most likely one"] = 0.0
-    repetition_penalty: Annotated[float, "divide the logits of tokens already in the conversation"] = 1.1
-    no_repeat_ngram: Annotated[int, "--loop: never repeat an n-gram of the conversation; 0 = off"] = 4
-    max_run: Annotated[int, "--loop: after this many messages in a row, the other person writes"] = 4
+    loop: Annotated[int, "let the model play both people for this many messages after --prompt", Range(0)] = 0
+    n: Annotated[int, "replies to sample at once (one batch)", Range(1)] = 1
+    max_new_tokens: Annotated[int, "longest reply, in tokens", Range(1)] = 60
+    temperature: Annotated[float, "0 = greedy", Range(0)] = 0.8
+    top_k: Annotated[int, "keep the k most likely tokens; 0 = all", Range(0)] = 0
+    top_p: Annotated[float, "keep the most likely tokens up to this probability mass", Range(0, 1, low_open=True)] = 0.95
+    min_p: Annotated[float, "drop tokens less likely than min_p times the most likely one", Range(0, 1)] = 0.0
+    repetition_penalty: Annotated[float, "divide the logits of tokens already in the conversation", POSITIVE] = 1.1
+    no_repeat_ngram: Annotated[int, "--loop: never repeat an n-gram of the conversation; 0 = off", Range(0)] = 4
+    max_run: Annotated[int, "--loop: after this many messages in a row, the other person writes", Range(1)] = 4
     data: Annotated[str, "--loop: the training data, to count replayed training messages (default: the "
                          "data the adapter was trained on)"] = ""
     seed: Annotated[int, "random seed"] = 0
@@ -348,7 +350,7 @@ def next_speaker(model, tok, lines, tags, seed=0, sample=True, hooks=None):
 
 def main():
     opts = parse_options(Options)
-    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok = tuned.model, tuned.tok
     hooks = steering_hooks(opts.steer, model, {"model": tuned.base_model, "adapter": tuned.adapter}) \
         if opts.steer else None

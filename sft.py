@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 import cli
 import lora
-from cli import BadInput, exit_on_bad_input, parse_options
-from model import greedy, load_model, pad, scored_logprobs
+from cli import FRACTION, POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
+from model import fingerprint, greedy, load_model, pad, scored_logprobs
 from prep import build_examples, load_pair
 
 
@@ -44,27 +44,27 @@ class Options:
     model: Annotated[str, "smollm2-135m, a local HF directory, or a Hub id"] = "smollm2-135m"
     out: Annotated[str, "output directory"] = "out"
     resume: Annotated[bool, "continue the run in --out from its checkpoint"] = False
-    max_steps: Annotated[int, "optimizer steps"] = 100
-    batch_size: Annotated[int, "examples per micro-batch, per process"] = 8
-    grad_accum: Annotated[int, "micro-batches per optimizer step, per process"] = 1
-    lr: Annotated[float, "peak learning rate"] = 1e-3
-    min_lr: Annotated[float, "learning rate at the end of the cosine decay"] = 1e-4
-    warmup_steps: Annotated[int, "linear warmup steps"] = 10
-    weight_decay: Annotated[float, "AdamW weight decay on the adapter"] = 0.0
-    grad_clip: Annotated[float, "clip the gradient norm to this"] = 1.0
-    lora_r: Annotated[int, "LoRA rank"] = 16
-    lora_alpha: Annotated[int, "LoRA alpha (scale alpha/r)"] = 32
-    lora_dropout: Annotated[float, "dropout on the adapter path"] = 0.0
+    max_steps: Annotated[int, "optimizer steps", Range(1)] = 100
+    batch_size: Annotated[int, "examples per micro-batch, per process", Range(1)] = 8
+    grad_accum: Annotated[int, "micro-batches per optimizer step, per process", Range(1)] = 1
+    lr: Annotated[float, "peak learning rate", POSITIVE] = 1e-3
+    min_lr: Annotated[float, "learning rate at the end of the cosine decay", Range(0)] = 1e-4
+    warmup_steps: Annotated[int, "linear warmup steps", Range(0)] = 10
+    weight_decay: Annotated[float, "AdamW weight decay on the adapter", Range(0)] = 0.0
+    grad_clip: Annotated[float, "clip the gradient norm to this", POSITIVE] = 1.0
+    lora_r: Annotated[int, "LoRA rank", Range(1)] = 16
+    lora_alpha: Annotated[int, "LoRA alpha (scale alpha/r)", POSITIVE] = 32
+    lora_dropout: Annotated[float, "dropout on the adapter path", Range(0, 1, high_open=True)] = 0.0
     rslora: Annotated[bool, "scale alpha/sqrt(r) (rank-stabilised LoRA)"] = False
-    context_messages: Annotated[int, "at most this many earlier messages before a target"] = 8
-    session_gap_hours: Annotated[float, "a silence this long starts a new session"] = 3.0
-    val_frac: Annotated[float, "fraction of sessions (the latest) held out"] = 0.1
-    val_examples: Annotated[int, "held-out examples the validation loss is measured on"] = 64
-    max_len: Annotated[int, "tokens per example (older context is dropped to fit)"] = 512
-    recency_half_life_days: Annotated[float, "weight a message by 0.5^(age/half-life); 0 = off"] = 0.0
-    eval_every: Annotated[int, "steps between validation losses and sample replies"] = 25
-    save_every: Annotated[int, "steps between checkpoints"] = 25
-    samples: Annotated[int, "held-out replies generated at each evaluation"] = 3
+    context_messages: Annotated[int, "at most this many earlier messages before a target", Range(0)] = 8
+    session_gap_hours: Annotated[float, "a silence this long starts a new session", POSITIVE] = 3.0
+    val_frac: Annotated[float, "fraction of sessions (the latest) held out", FRACTION] = 0.1
+    val_examples: Annotated[int, "held-out examples the validation loss is measured on", Range(1)] = 64
+    max_len: Annotated[int, "tokens per example (older context is dropped to fit)", Range(2)] = 512
+    recency_half_life_days: Annotated[float, "weight a message by 0.5^(age/half-life); 0 = off", Range(0)] = 0.0
+    eval_every: Annotated[int, "steps between validation losses and sample replies", Range(1)] = 25
+    save_every: Annotated[int, "steps between checkpoints", Range(1)] = 25
+    samples: Annotated[int, "held-out replies generated at each evaluation", Range(0)] = 3
     grad_checkpoint: Annotated[bool, "recompute activations in the backward pass (saves memory)"] = False
     seed: Annotated[int, "seed for the adapter's init, the examples and the batch order"] = 0
 
@@ -75,7 +75,8 @@ GPU_DEFAULTS = dict(model="mistralai/Mistral-7B-v0.1", lr=2e-4, min_lr=2e-5, max
                     grad_accum=4, lora_dropout=0.05, max_len=1024, grad_checkpoint=True, val_examples=256,
                     eval_every=100, save_every=100)
 # A resumed run must be the same run: these may not change between the checkpoint and --resume.
-SAME_ON_RESUME = ("data", "model", "batch_size", "grad_accum", "lora_r", "lora_alpha", "rslora",
+# (--data is checked by the file's hash, so the same file under another spelling of its path is fine.)
+SAME_ON_RESUME = ("model", "batch_size", "grad_accum", "lora_r", "lora_alpha", "rslora",
                   "context_messages", "session_gap_hours", "val_frac", "max_len", "seed")
 # What a later stage needs to rebuild this run's examples and split exactly. It reads them from the
 # adapter's training.json (see data_settings), never from the defaults above, which may not be the run's.
@@ -305,6 +306,9 @@ def resume(opts: Options, model, optimizer, say):
     if changed:
         raise BadInput(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from "
                        f"the checkpoint's ({', '.join(str(state['options'][k]) for k in changed)})")
+    if state.get("data_sha256") != cli.file_sha256(opts.data):
+        raise BadInput(f"--resume: --data {opts.data} is not the file the run was trained on "
+                       f"({state['options']['data']}): its contents differ")
     params = lora.peft_keys(model)
     if tensors.keys() != params.keys():
         raise BadInput(f"{out / CHECKPOINT} holds another adapter than this run builds")
@@ -353,15 +357,16 @@ def train(opts: Options):
             rows.append({"step": 0, "base_val_loss": base_val})
             say(f"base model validation loss {base_val:.4f}")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cli.write_atomically(metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+    training = {**asdict(opts), "base_fingerprint": fingerprint(model), "data_sha256": cli.file_sha256(opts.data)}
 
     def save():
         if main:
-            lora.save_adapter(model, out / "adapter", base_model=opts.model, training=asdict(opts))
+            lora.save_adapter(model, out / "adapter", base_model=opts.model, training=training)
             # Every process is seeded alike and draws alike, so the first one's RNG serves them all.
             save_checkpoint(ckpt_path, lora.peft_keys(model), optimizer, {
-                "step": step, "options": asdict(opts), "base_val_loss": base_val,
+                "step": step, "options": asdict(opts), "data_sha256": training["data_sha256"], "base_val_loss": base_val,
                 "micro_batches_done": step * opts.grad_accum * world})  # the data position
             plot(rows, out / "loss.png")
 
@@ -448,9 +453,11 @@ class Tuned:
     training: dict  # the options the adapter was trained with (sft.py's defaults where unknown)
 
 
-def load_tuned(adapter: str = ADAPTER, model: str = "", base: bool = False) -> Tuned:
+def load_tuned(adapter: str = ADAPTER, model: str = "", base: bool = False, allow_other_base=False) -> Tuned:
     """The fine-tuned model: the base that adapter_config.json names (unless model overrides it) with
-    the adapter; or with base=True the base model alone (model, else sft.py's default)."""
+    the adapter; or with base=True the base model alone (model, else sft.py's default). An adapter is
+    refused on a base other than the one it was trained on (training.json's fingerprint), unless
+    allow_other_base."""
     if base:
         name = model or Options.model
         return Tuned(*load_model(name), name, "", asdict(Options()))
@@ -458,14 +465,19 @@ def load_tuned(adapter: str = ADAPTER, model: str = "", base: bool = False) -> T
     if not (path / "adapter_config.json").exists():
         raise BadInput(f"--adapter {adapter}: no adapter there; train one with sft.py, pass --adapter DIR, "
                        "or use --base for the model without one")
-    try:
-        name = model or json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    config = cli.read_json(path / "adapter_config.json")
+    name = model or (config.get("base_model_name_or_path") if isinstance(config, dict) else None)
+    if not isinstance(name, str) or not name:
         raise BadInput(f"{path / 'adapter_config.json'} does not name its base model "
-                       "(base_model_name_or_path); pass --model") from None
-    net, tok = load_model(name)
-    lora.load_adapter(net, path)
+                       "(base_model_name_or_path); pass --model")
     training = lora.read_training(path)
+    net, tok = load_model(name)
+    trained_on = (training or {}).get("base_fingerprint")
+    if trained_on and trained_on != fingerprint(net) and not allow_other_base:
+        raise BadInput(f"--adapter {adapter} was trained on {training.get('model')} (fingerprint {trained_on}), "
+                       f"but {name} is another model (fingerprint {fingerprint(net)}); pass --allow-other-base "
+                       "to load it anyway")
+    lora.load_adapter(net, path)
     if training is None:
         training = asdict(Options())
         print(f"note: {path} has no {lora.TRAINING} (not written by this sft.py); assuming sft.py's defaults "

@@ -27,7 +27,6 @@ Shapes: N texts, L sites (resid.0 .. resid.n_layers), B batch, T time, D model d
 """
 import json
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,8 +41,9 @@ from tqdm import tqdm
 import cli
 import sample
 import sft
-from cli import BadInput, exit_on_bad_input, parse_options
+from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
 from model import capture, pad, scored_logprobs
+from prep import TAG_LINE
 
 COMMANDS = ("search", "probe")
 
@@ -56,19 +56,21 @@ class Options:
         "data/steer/happy_ratings.jsonl"
     adapter: Annotated[str, "adapter directory from sft.py"] = sft.ADAPTER
     base: Annotated[bool, "no adapter: the base model alone"] = False
+    allow_other_base: Annotated[bool, "load the adapter even onto a base model other than the one it was "
+                                      "trained on"] = False
     model: Annotated[str, f"base model (default: the adapter's; with --base, {sft.Options.model})"] = ""
-    trials: Annotated[int, "search: random settings tried after the grid"] = 24
+    trials: Annotated[int, "search: random settings tried after the grid", Range(0)] = 24
     max_distance: Annotated[int, "search: the steering layer lies at most this many layers from the "
-                                 "extraction layer"] = 4
+                                 "extraction layer", Range(0)] = 4
     max_kl: Annotated[float, "coherence bound: mean KL(unsteered || steered) per token on the neutral "
-                             "lines, in nats"] = 0.2
+                             "lines, in nats", POSITIVE] = 0.2
     max_ppl_ratio: Annotated[float, "coherence bound: perplexity of steered replies under the unsteered "
-                                    "model, over that of unsteered replies"] = 2.0
-    sample_tokens: Annotated[int, "longest reply sampled for the perplexity check, in tokens"] = 20
-    layer: Annotated[int, "probe: the site resid.L it reads and steers; -1 = the middle layer"] = -1
-    l2: Annotated[float, "probe: L2 penalty on its weights"] = 1e-2
+                                    "model, over that of unsteered replies", POSITIVE] = 2.0
+    sample_tokens: Annotated[int, "longest reply sampled for the perplexity check, in tokens", Range(1)] = 20
+    layer: Annotated[int, "probe: the site resid.L it reads and steers; -1 = the middle layer", Range(-1)] = -1
+    l2: Annotated[float, "probe: L2 penalty on its weights", Range(0)] = 1e-2
     strength: Annotated[float, "probe: how hard its saved setting pushes, as a fraction of the stream's "
-                               "norm at --layer"] = 0.2
+                               "norm at --layer", POSITIVE] = 0.2
     name: Annotated[str, "the vector's name, out/steer/NAME.safetensors (default: the concept; probe: "
                          "CONCEPT_probe)"] = ""
     seed: Annotated[int, "seed for the random settings, the sampled replies and the probe's split"] = 0
@@ -100,7 +102,7 @@ def read_pairs(path) -> dict:
                        "\"concept_words\": {\"positive\": [...], \"negative\": [...]}, \"prompts\": [...], "
                        "\"neutral\": [...]}, every list non-empty")
     for p in d["prompts"]:  # the concept score reads the reply's first token: right after the tag
-        if not re.fullmatch(r"\[[A-Z0-9_]+\]", p.splitlines()[-1].strip()):
+        if not TAG_LINE.fullmatch(p.splitlines()[-1].strip()):
             raise BadInput(f"--pairs {path}: prompt {p!r} does not end with the replier's tag on its own line, "
                            "e.g. \"[RIYA] how was your day?\\n[FRIEND]\"")
     return d
@@ -312,7 +314,6 @@ def replies_side_by_side(model, tok, prompts, conditions: dict, opts: Options, n
 def save_vector(path: Path, v_pos, v_neg, meta: dict):
     """v_pos, v_neg (D,) and the metadata (as strings: all safetensors metadata holds), atomically, in
     the format sample.read_steering reads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"v_pos": v_pos.float().contiguous().cpu(), "v_neg": v_neg.float().contiguous().cpu()}
     cli.write_atomically(path, lambda p: save_file(tensors, p, {k: str(v) for k, v in meta.items()}))
 
@@ -322,7 +323,7 @@ def search(opts: Options) -> dict:
     with it, without it and with the opposite."""
     t0 = time.time()
     data = read_pairs(opts.pairs)
-    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
     vectors = contrast_vectors(model, tok, data["pairs"])
     norms = pooled_streams(model, tok, data["prompts"])["norm"].mean(1)  # (L,): the stream's mean norm
@@ -431,7 +432,7 @@ def probe(opts: Options) -> dict:
     t0 = time.time()
     data = read_pairs(opts.pairs)
     texts, rating = read_ratings(opts.labels)
-    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
     n = model.cfg.n_layers
     L = n // 2 if opts.layer == -1 else opts.layer

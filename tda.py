@@ -41,7 +41,7 @@ from tqdm import tqdm
 import cli
 import sample
 import sft
-from cli import BadInput, exit_on_bad_input, parse_options
+from cli import BadInput, Range, exit_on_bad_input, parse_options
 from model import capture, pad
 from prep import TAG_LINE, Message, build_examples, encode_example, load_pair, one_line, split_sessions, tag
 
@@ -54,21 +54,23 @@ class Options:
     data: Annotated[str, "index: the chat history (default: the data the adapter was trained on)"] = ""
     adapter: Annotated[str, "index, lens: adapter directory from sft.py"] = sft.ADAPTER
     base: Annotated[bool, "index, lens: no adapter, the base model alone"] = False
+    allow_other_base: Annotated[bool, "load the adapter even onto a base model other than the one it was "
+                                      "trained on"] = False
     model: Annotated[str, f"index, lens: base model (default: the adapter's; with --base, {sft.Options.model})"] = ""
     layers: Annotated[str, "index: sites resid.L to store, e.g. 7,15,22 (default: at 1/4, 1/2 and 3/4 "
                            "of the depth)"] = ""
     context_messages: Annotated[int | None, "index: at most this many earlier messages before each target "
-                                            "(default: 2 on a CPU; on a GPU, as the adapter was trained)"] = 2
-    batch_size: Annotated[int, "sequences per forward"] = 16
+                                            "(default: 2 on a CPU; on a GPU, as the adapter was trained)", Range(0)] = 2
+    batch_size: Annotated[int, "sequences per forward", Range(1)] = 16
     index: Annotated[str, "the index file: index writes it, query and eval read it"] = "out/tda/index.safetensors"
     prompt: Annotated[str, "query, lens: chat lines, for query ending in the replier's tag ('\\n' for a "
                            "line break)"] = ""
     reply: Annotated[str, "query: the reply to attribute (default: sample one as sample.py would)"] = ""
     mode: Annotated[str, "query: act (activations) or lens (logit-lens distributions)"] = "act"
     pool: Annotated[str, "query: mean (over the reply), last (its last token) or all (every token)"] = "mean"
-    k: Annotated[int, "query: training examples listed per layer"] = 5
+    k: Annotated[int, "query: training examples listed per layer", Range(1)] = 5
     position: Annotated[int, "lens: the token whose predictions are printed (-1 = the last)"] = -1
-    queries: Annotated[int, "eval: training messages made into queries"] = 200
+    queries: Annotated[int, "eval: training messages made into queries", Range(1)] = 200
     seed: Annotated[int, "eval: seed for choosing and paraphrasing the messages"] = 0
     out: Annotated[str, "folder for lens.png and eval.json"] = "out/tda"
 
@@ -88,7 +90,8 @@ LENS_TOP = 128
 
 def load_indexed_model(settings: dict) -> sft.Tuned:
     """The model and tokenizer an index was built with."""
-    return sft.load_tuned(settings["adapter"], settings["model"], base=not settings["adapter"])
+    # The index records the model it was built on; the fingerprint was checked then.
+    return sft.load_tuned(settings["adapter"], settings["model"], base=not settings["adapter"], allow_other_base=True)
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -191,7 +194,7 @@ def training_examples(data: sft.DataSettings, tok, context_messages):
 
 
 def build_index(opts: Options) -> Path:
-    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok = tuned.model, tuned.tok
     layers = parse_layers(opts.layers, model.cfg.n_layers)
     data = sft.data_settings(tuned.training, opts)
@@ -207,7 +210,6 @@ def build_index(opts: Options) -> Path:
                 "max_len": str(data.max_len), "vocab_size": str(model.cfg.vocab_size),
                 "examples": json.dumps(pointers, ensure_ascii=False)}  # safetensors metadata holds strings
     path = Path(opts.index)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # fp32: exact round trips, and a few outlier dimensions of the stream can leave fp16's range. ~240 MB
     # for SmolLM2 on the shipped data; 1.4 GB for Mistral-7B's 4096-wide stream.
     cli.write_atomically(path, lambda p: save_file(tensors, p, metadata))
@@ -306,7 +308,7 @@ def lens(opts: Options) -> Path:
     text = opts.prompt.replace("\\n", "\n")
     if not text.strip():
         raise BadInput('lens needs --prompt, e.g. --prompt "[RIYA] you coming?\\n[FRIEND]"')
-    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok = tuned.model, tuned.tok
     ids = tok.encode(text)
     if not -len(ids) <= opts.position < len(ids):
@@ -510,7 +512,6 @@ def main():
     else:
         result = evaluate(opts)
         path = Path(opts.out) / "eval.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         cli.write_atomically(path, lambda p: p.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n"))
         print(markdown(result))
         print(f"\nwrote {path}")

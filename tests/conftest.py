@@ -112,7 +112,7 @@ def tiny_adapter(tiny_chat_dir, small_chat, tmp_path_factory):
 
     import lora
     import sft
-    from model import load_checkpoint
+    from model import fingerprint, load_checkpoint
 
     model = load_checkpoint(tiny_chat_dir)
     torch.manual_seed(1)
@@ -121,6 +121,7 @@ def tiny_adapter(tiny_chat_dir, small_chat, tmp_path_factory):
         for p in lora.lora_parameters(model):
             p.normal_(0, 0.5)
     path = tmp_path_factory.mktemp("adapter")
-    training = asdict(sft.Options(data=str(small_chat), model=str(tiny_chat_dir), lora_r=4, lora_alpha=8))
+    training = {**asdict(sft.Options(data=str(small_chat), model=str(tiny_chat_dir), lora_r=4, lora_alpha=8)),
+                "base_fingerprint": fingerprint(model)}
     lora.save_adapter(model, path, base_model=str(tiny_chat_dir), training=training)
     return path

@@ -209,8 +209,12 @@ def test_reply_statistics_by_hand():
 # The judge, against a tiny OpenAI-compatible server on 127.0.0.1.
 
 class FakeAPI:
-    def __init__(self, answer="A", fail_after=None):
-        self.requests, self.answer, self.fail_after = [], answer, fail_after
+    """A local OpenAI-compatible server: every chat completion answers "Answer: {answer}" (or, with
+    malformed=True, a 200 whose body is no chat completion); with fail_after, a quota error after that
+    many requests."""
+
+    def __init__(self, answer="A", fail_after=None, malformed=False):
+        self.requests, self.answer, self.fail_after, self.malformed = [], answer, fail_after, malformed
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -224,7 +228,9 @@ class FakeAPI:
                     self.send_response(200)
                     payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
                                "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": api.answer}}]}
+                                            "message": {"role": "assistant", "content": f"Answer: {api.answer}"}}]}
+                    if api.malformed:
+                        payload = {"id": "c1", "choices": "no choices here"}
                 data = json.dumps(payload).encode()
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -280,7 +286,7 @@ def test_an_interrupted_judge_keeps_what_it_paid_for_and_exits_with_one_sentence
     monkeypatch.setenv("JUDGE_KEY", KEY)
     api, cache = FakeAPI("B", fail_after=5), tmp_path / "judge.jsonl"
     try:
-        with pytest.raises(BadInput, match=r"^the judge at .* failed \(BadRequestError") as e:
+        with pytest.raises(BadInput, match=r"^http://127.0.0.1:\d+/v1 \(judge-1\) failed \(BadRequestError") as e:
             ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
         assert "\n" not in str(e.value) and KEY not in str(e.value)
         assert len(cache.read_text().splitlines()) == 5  # each answer was on disk as it came
@@ -288,6 +294,38 @@ def test_an_interrupted_judge_keeps_what_it_paid_for_and_exits_with_one_sentence
         result = ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
         assert len(api.requests) == len(ITEMS)  # 5 before the failure + only the 7 missing ones after it
         assert result["error_rate"] == pytest.approx(expected_error_rate(api.requests, "B")[0])
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("answer, letter", [
+    ("Answer: A", "A"), ("I think B is the model.\nAnswer: A", "A"), ("**Answer: (B)**", "B"), ("answer: b.", "B"),
+    ("Reply A reads like a model; the real one is B", None), ("A", None), ("Answer: A or B", None), ("", None),
+    ("Answer: B\nActually, maybe not.", None)])
+def test_the_judges_answer_is_read_from_its_last_line_only(answer, letter):
+    assert ev.picked(answer) == letter
+
+
+def test_a_half_written_cache_line_is_asked_again_and_blocks_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    api, cache = FakeAPI("A"), tmp_path / "judge.jsonl"
+    try:
+        first = ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
+        lines = cache.read_text().splitlines()
+        cache.write_text("\n".join(lines[:-1] + [lines[-1][: len(lines[-1]) // 2]]))  # killed mid-write
+        again = ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
+        assert len(api.requests) == len(ITEMS) + 1 and again == first  # only the broken one, once more
+    finally:
+        api.close()
+
+
+def test_a_200_whose_body_is_no_chat_completion_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", KEY)
+    api = FakeAPI(malformed=True)
+    try:
+        with pytest.raises(BadInput, match=r"\(judge-1\) failed .*0 earlier answers are kept") as e:
+            ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", tmp_path / "judge.jsonl", seed=0)
+        assert "\n" not in str(e.value) and KEY not in str(e.value)
     finally:
         api.close()
 
@@ -306,9 +344,9 @@ def test_cli_an_unreachable_judge_is_one_line_and_exit_status_2(small_chat, tiny
               "--judge-cache", str(tmp_path / "cache.jsonl"), env={"OPENAI_API_KEY": KEY})
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: the judge at {url} failed (APIConnectionError")
+    assert len(errors) == 1 and errors[0].startswith(f"error: {url} (m) failed (APIConnectionError")
     assert "Traceback" not in out.stderr and KEY not in out.stderr + out.stdout
-    assert f"judge: sending 2 conversations (0 answers cached) to {url}" in out.stderr
+    assert f"sending 2 conversations (0 answers cached) to {url}" in out.stderr
 
 
 def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tiny_adapter, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, package_file, script
 from model import BadInput, SentencePieceTokenizer
-from prep import (Message, build_examples, choose_pair, clean, encode_example, read_chitchat, read_export,
+from prep import (TAG_LINE, Message, build_examples, choose_pair, clean, encode_example, read_chitchat, read_export,
                   sessions, tag)
 
 EXPORTS = ROOT / "tests" / "data" / "exports"
@@ -56,7 +56,7 @@ def test_a_long_context_drops_its_oldest_messages_to_fit(tok):
 
 
 def test_tags_are_plain_uppercase_text():
-    assert tag("Riya") == "[RIYA]" and tag("Riya Patel") == "[RIYA_PATEL]" and tag("  zoë-m ") == "[ZO_M]"
+    assert tag("Riya") == "[RIYA]" and tag("Riya Patel") == "[RIYA_PATEL]" and tag("  zoë-m ") == "[ZOË-M]"
 
 
 def test_line_breaks_inside_a_message_become_spaces(tok):
@@ -130,12 +130,32 @@ def test_choose_pair_explains_what_is_wrong(msgs, me, friend, says):
         choose_pair(msgs, me, friend, source="chat.txt")
 
 
-def test_clean_drops_duplicates_and_simulator_text_and_counts_them():
-    msgs = chat(("Riya", "hey"), ("Sam", "yo"))
+def test_clean_drops_simulator_text_and_keeps_repeats_and_brackets():
+    msgs = chat(("Riya", "hey"), ("Sam", "yo"), ("Sam", "[1] bring snacks"), ("Riya", "[OK] got it"))
     pasted = Message(T0 + timedelta(minutes=5), "Sam", "lol look what the bot said:\n[RIYA] I love you")
-    kept, drops = clean(msgs + [msgs[0], pasted, Message(T0, "Sam", "[SAM] hi")])
-    assert kept == msgs
-    assert drops == Counter({"duplicate": 1, "simulator text": 2})
+    repeat = Message(msgs[0].time, "Riya", "hey")  # the same message again in the same minute: real
+    kept, drops = clean(msgs + [repeat, pasted, Message(T0, "Sam", "[SAM] hi")])
+    assert kept == msgs + [repeat]
+    assert drops == Counter({"simulator text": 2})
+
+
+@pytest.mark.parametrize("name, expected", [("Riya Patel", "[RIYA_PATEL]"), ("Рия", "[РИЯ]"), ("明", "[明]"),
+                                            ("Ana-María", "[ANA-MARÍA]"), ("Ana-Mari\u0301a", "[ANA-MARÍA]"),
+                                            ("  __sam!!", "[SAM]"), ("!!!", "[SPEAKER]")])
+def test_tags_keep_letters_of_any_script(name, expected):
+    assert tag(name) == expected and TAG_LINE.fullmatch(expected)
+
+
+def test_two_people_whose_tags_collide_are_told_how_to_rename_one():
+    with pytest.raises(BadInput, match=r"'Sam!' and 'sam\?' would both be \[SAM\].*--friend 'sam\?=NEW NAME'"):
+        choose_pair(chat(("Sam!", "a"), ("sam?", "b")), source="chat.txt")
+
+
+@pytest.mark.parametrize("me, friend, says", [("Riya", None, "--me needs --friend too"),
+                                              (None, "Sam", "--friend needs --me too")])
+def test_one_of_me_and_friend_alone_is_refused(me, friend, says):
+    with pytest.raises(BadInput, match=says):
+        choose_pair(chat(("Riya", "a"), ("Sam", "b")), me, friend, source="chat.txt")
 
 
 def test_prep_cli_writes_canonical_jsonl_and_reports_every_drop(tmp_path):

@@ -424,7 +424,7 @@ def test_read_export_of_chitchat_is_the_top_pair(top_pair):
 
 
 def test_read_chitchat_rank_past_the_last_pair_is_refused():
-    with pytest.raises(BadInput, match=r"rank 2307 is not a chitchat pair"):
+    with pytest.raises(BadInput, match=r"--pair 2307 is not a chitchat pair"):
         read_chitchat(2307)
 
 
