@@ -160,7 +160,8 @@ def sft_batch(opts: Options, model_name: str, vocab: int, device):
     import sft
 
     examples = training_examples(opts)
-    batches = sorted(sft.epoch_batches(examples, opts.sft_batch, 0, 0), key=lambda b: max(len(examples[i].tokens) for i in b))
+    batches = sorted(sft.epoch_batches([len(e.tokens) for e in examples], opts.sft_batch, 0, 0),
+                     key=lambda b: max(len(examples[i].tokens) for i in b))
     batch = [examples[i] for i in batches[len(batches) // 2]]
     tokens, weights = sft.collate(batch, device)
     if model_name != "smollm2-135m":

@@ -163,6 +163,14 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real, not pad
         self.length = 0  # slots filled so far
 
+    def rows(self, index: list[int]) -> "KVCache":
+        """A cache of these batch rows (repeats allowed), copied: one prefill serves several samples of
+        the same prompt."""
+        new = object.__new__(KVCache)
+        new.k, new.v, new.valid = self.k[:, index].clone(), self.v[:, index].clone(), self.valid[index].clone()
+        new.length = self.length
+        return new
+
 
 # Every weight multiplication goes through linear(), so that decoding on a CPU can take a faster route.
 # Up to FEW_ROWS rows it does; measured, that route stops paying between 32 and 64 rows.

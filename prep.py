@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from cli import BadInput, Parser, exit_on_bad_input, read_json, write_atomically
@@ -654,6 +655,7 @@ class Example:
     cut: int  # text[:cut] is the prompt (ending in the target's tag), text[cut:] the reply
     session: int  # the target is message `index` of session `session` of its side of split_sessions
     index: int
+    tag_start: int  # tokens[tag_start : loss start] are the target's speaker tag (sft.py --tag-loss)
 
 
 def render(context, target, tags):
@@ -676,12 +678,50 @@ def encode_example(tok, context, target, tags, max_len):
         if len(tokens) <= max_len or not context:
             break
         context = context[1:]  # too long: drop the oldest context message
-    prefix = tok.encode(text[:cut])
-    n = 0
-    while n < min(len(prefix), len(tokens)) and prefix[n] == tokens[n]:
-        n += 1
+    n = shared_prefix(tokens, tok.encode(text[:cut]))
     tokens = tokens[:max_len]  # a single message longer than max_len: keep what fits
     return tokens, [i >= n for i in range(len(tokens))], text, cut
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share: where a text's tokens stop being its prefix's."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# Lexical retrieval over messages: eval.py's retrieval baseline, tda.py's attribution baseline, memory.
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+class BM25:
+    """Okapi BM25 (Robertson & Zaragoza 2009, https://doi.org/10.1561/1500000019), the lexical baseline:
+    score(q, d) = sum over the distinct words w of q of
+        idf(w) * tf(w, d) * (k1 + 1) / (tf(w, d) + k1 * (1 - b + b * |d| / mean |d|)),
+    idf(w) = ln(1 + (N - n(w) + 0.5) / (n(w) + 0.5)), n(w) = documents holding w (Lucene's idf: never
+    negative, so a word in most messages still counts a little)."""
+
+    def __init__(self, docs: list[list[str]], k1=1.5, b=0.75):
+        self.k1, self.b, self.n_docs = k1, b, len(docs)
+        self.length = np.array([len(d) for d in docs], dtype=float)  # (N,)
+        counts = defaultdict(dict)  # word -> {document: count}
+        for j, d in enumerate(docs):
+            for w, c in Counter(d).items():
+                counts[w][j] = c
+        self.postings = {w: (np.array(list(c)), np.array(list(c.values()), dtype=float))  # (n(w),) each
+                         for w, c in counts.items()}
+
+    def scores(self, query: list[str]) -> np.ndarray:
+        out = np.zeros(self.n_docs)  # (N,)
+        for w in set(query) & self.postings.keys():
+            docs, tf = self.postings[w]
+            idf = np.log(1 + (self.n_docs - len(docs) + 0.5) / (len(docs) + 0.5))
+            norm = 1 - self.b + self.b * self.length[docs] / self.length.mean()
+            out[docs] += idf * tf * (self.k1 + 1) / (tf + self.k1 * norm)
+        return out
 
 
 def build_examples(messages, tok, context_messages=8, gap_hours=3.0, val_frac=0.1, max_len=512,
@@ -701,10 +741,11 @@ def build_examples(messages, tok, context_messages=8, gap_hours=3.0, val_frac=0.
             for i, target in enumerate(session):
                 k = rng.randint(0, min(context_messages, i))
                 tokens, mask, text, cut = encode_example(tok, session[i - k : i], target, tags, max_len)
+                tag_start = shared_prefix(tokens, tok.encode(text[: cut - len(tags[target.speaker])]))
                 weight = 1.0
                 if recency_half_life_days:
                     weight = 0.5 ** ((latest - target.time).total_seconds() / 86400 / recency_half_life_days)
-                examples[side].append(Example(tokens, mask, weight, text, cut, s, i))
+                examples[side].append(Example(tokens, mask, weight, text, cut, s, i, tag_start))
     return examples["train"], examples["val"]
 
 

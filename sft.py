@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -35,7 +35,7 @@ import cli
 import lora
 from cli import FRACTION, POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
 from model import fingerprint, greedy, load_model, pad, scored_logprobs
-from prep import build_examples, load_pair
+from prep import TAG_LINE, Example, Message, build_examples, encode_example, load_pair, shared_prefix
 
 
 @dataclass
@@ -45,6 +45,8 @@ class Options:
     out: Annotated[str, "output directory"] = "out"
     resume: Annotated[bool, "continue the run in --out from its checkpoint"] = False
     max_steps: Annotated[int, "optimizer steps", Range(1)] = 100
+    epochs: Annotated[float, "train for this many passes over the training examples instead of --max-steps; "
+                             "0 = use --max-steps", Range(0)] = 0.0
     batch_size: Annotated[int, "examples per micro-batch, per process", Range(1)] = 8
     grad_accum: Annotated[int, "micro-batches per optimizer step, per process", Range(1)] = 1
     lr: Annotated[float, "peak learning rate", POSITIVE] = 1e-3
@@ -56,6 +58,13 @@ class Options:
     lora_alpha: Annotated[int, "LoRA alpha (scale alpha/r)", POSITIVE] = 32
     lora_dropout: Annotated[float, "dropout on the adapter path", Range(0, 1, high_open=True)] = 0.0
     rslora: Annotated[bool, "scale alpha/sqrt(r) (rank-stabilised LoRA)"] = False
+    examples: Annotated[str, "also train on these rows: JSONL of {\"context\": [chat lines], \"speaker\": tag, "
+                             "\"reply\": text}, e.g. rlaif.py's revisions; loss on the reply and its newline"] = ""
+    examples_only: Annotated[bool, "train on --examples alone, not on the chat history's examples"] = False
+    init_adapter: Annotated[str, "start from this adapter's weights (same rank, alpha and targets) instead of "
+                                 "a fresh adapter"] = ""
+    tag_loss: Annotated[bool, "also put loss on the target's speaker tag, so the model learns who talks next "
+                              "(validation still scores the text alone)"] = False
     context_messages: Annotated[int, "at most this many earlier messages before a target", Range(0)] = 8
     session_gap_hours: Annotated[float, "a silence this long starts a new session", POSITIVE] = 3.0
     val_frac: Annotated[float, "fraction of sessions (the latest) held out", FRACTION] = 0.1
@@ -76,7 +85,8 @@ GPU_DEFAULTS = dict(model="mistralai/Mistral-7B-v0.1", lr=2e-4, min_lr=2e-5, max
                     eval_every=100, save_every=100)
 # A resumed run must be the same run: these may not change between the checkpoint and --resume.
 # (--data is checked by the file's hash, so the same file under another spelling of its path is fine.)
-SAME_ON_RESUME = ("model", "batch_size", "grad_accum", "lora_r", "lora_alpha", "rslora",
+SAME_ON_RESUME = ("model", "batch_size", "grad_accum", "lora_r", "lora_alpha", "rslora", "tag_loss", "examples",
+                  "examples_only", "init_adapter",
                   "context_messages", "session_gap_hours", "val_frac", "max_len", "seed")
 # What a later stage needs to rebuild this run's examples and split exactly. It reads them from the
 # adapter's training.json (see data_settings), never from the defaults above, which may not be the run's.
@@ -98,15 +108,14 @@ def lr_at(step, opts):
     return opts.min_lr + 0.5 * (opts.lr - opts.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_batches(examples, batch_size, seed, epoch):
-    """Batches of similar length (less padding), in a random order that depends only on (seed, epoch),
-    so the data position of a resumed run is a function of its step."""
+def epoch_batches(lengths: list[int], batch_size, seed, epoch):
+    """Batches (lists of indices) of items of similar length (less padding), in a random order that
+    depends only on (seed, epoch), so the data position of a resumed run is a function of its step."""
     rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(examples)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     chunk = batch_size * 64  # sort by length within chunks: batches stay random but pad little
-    order = [i for c in range(0, len(order), chunk)
-             for i in sorted(order[c : c + chunk], key=lambda i: len(examples[i].tokens))]
+    order = [i for c in range(0, len(order), chunk) for i in sorted(order[c : c + chunk], key=lambda i: lengths[i])]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -114,25 +123,29 @@ def epoch_batches(examples, batch_size, seed, epoch):
 
 def batch_at(examples, batch_size, seed):
     """g -> the example indices of global micro-batch g, epoch after epoch (one epoch kept at a time)."""
-    per_epoch = len(epoch_batches(examples, batch_size, seed, 0))
+    lengths = [len(e.tokens) for e in examples]
+    per_epoch = len(epoch_batches(lengths, batch_size, seed, 0))
     cache = {}
 
     def indices(g):
         epoch, index = divmod(g, per_epoch)
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = epoch_batches(examples, batch_size, seed, epoch)
+            cache[epoch] = epoch_batches(lengths, batch_size, seed, epoch)
         return cache[epoch][index]
 
     return indices
 
 
-def collate(examples, device):
-    """Right-padded tokens (B, T) and loss weights (B, T): the target's tokens carry the example's weight."""
+def collate(examples, device, tag_loss=False):
+    """Right-padded tokens (B, T) and loss weights (B, T): the target's tokens (and with tag_loss its
+    speaker tag's) carry the example's weight."""
     tokens, _ = pad([e.tokens for e in examples], device=device)
     weights = torch.zeros(tokens.shape)
     for b, e in enumerate(examples):
         weights[b, : len(e.tokens)] = torch.tensor(e.loss_mask, dtype=torch.float) * e.weight
+        if tag_loss:
+            weights[b, e.tag_start : e.loss_mask.index(True) if True in e.loss_mask else len(e.tokens)] = e.weight
     return tokens, weights.to(device)
 
 
@@ -294,8 +307,62 @@ def examples(opts: Options, messages, drops, tok, say):
     val_set = val_set[:: max(1, len(val_set) // opts.val_examples)][: opts.val_examples]
     speakers = ", ".join(f"{s} {n}" for s, n in Counter(m.speaker for m in messages).most_common())
     say(f"data: {len(messages)} messages ({speakers}); dropped: {dict(drops) or 'none'}")
+    if opts.examples:
+        extra = rows_as_examples(opts.examples, tok, opts.max_len)
+        train_set = extra if opts.examples_only else train_set + extra
+        say(f"--examples {opts.examples}: {len(extra)} examples" + (" (alone)" if opts.examples_only else " added"))
+    elif opts.examples_only:
+        raise BadInput("--examples-only needs --examples FILE")
     say(f"examples: {len(train_set)} train, {len(val_set)} validation (latest sessions)")
     return train_set, val_set
+
+
+def rows_as_examples(path, tok, max_len) -> list[Example]:
+    """JSONL rows {"context": [chat lines], "speaker": tag, "reply": text} -> training examples, built as
+    prep.encode_example builds one from the chat history. Rows marked "revised": false (a revision
+    round that changed nothing) are left out."""
+    examples = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if Path(path).exists() else ():
+        try:
+            row = json.loads(line)
+            context, speaker, reply = row["context"], row["speaker"], row["reply"]
+            ok = isinstance(context, list) and all(isinstance(c, str) and TAG_LINE.match(c) for c in context) \
+                and isinstance(speaker, str) and TAG_LINE.fullmatch(speaker) and isinstance(reply, str) and reply.strip()
+        except (json.JSONDecodeError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise BadInput(f"--examples {path}:{n}: expected {{\"context\": [\"[TAG] text\", ...], \"speaker\": \"[TAG]\", "
+                           "\"reply\": text}")
+        if row.get("revised") is False:
+            continue
+        # The lines already carry their tags: speakers are the tags themselves.
+        lines = [Message(None, TAG_LINE.match(c).group(), c[TAG_LINE.match(c).end() :].strip()) for c in context]
+        target = Message(None, speaker, reply)
+        tags = {m.speaker: m.speaker for m in lines + [target]}
+        tokens, mask, text, cut = encode_example(tok, lines, target, tags, max_len)
+        examples.append(Example(tokens, mask, 1.0, text, cut, -1, -1, shared_prefix(tokens, tok.encode(text[: cut - len(speaker)]))))
+    if not examples:
+        raise BadInput(f"--examples {path}: no rows to train on" + ("" if Path(path).exists() else " (no such file)"))
+    return examples
+
+
+def start_from(model, adapter_dir):
+    """Copy an adapter's weights into the model's fresh adapter of the same shape (--init-adapter)."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        raise BadInput(f"--init-adapter {adapter_dir}: no adapter_model.safetensors there")
+    try:
+        saved, params = load_file(path), lora.peft_keys(model)
+    except SafetensorError:
+        raise BadInput(f"--init-adapter {adapter_dir}: {path.name} is not a readable safetensors file") from None
+    if saved.keys() != params.keys() or any(saved[k].shape != p.shape for k, p in params.items()):
+        raise BadInput(f"--init-adapter {adapter_dir}: its rank or targets differ from this run's (--lora-r, "
+                       "--lora-alpha); give the same settings it was trained with")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(saved[key])
 
 
 def resume(opts: Options, model, optimizer, say):
@@ -336,11 +403,17 @@ def train(opts: Options):
     messages, drops = load_pair(opts.data)  # before loading a model: a bad file fails fast
     model, tok = load_model(opts.model, device=device)
     train_set, val_set = examples(opts, messages, drops, tok, say)
+    if opts.epochs:  # the number of steps that many passes take; the schedule then reads max_steps
+        per_epoch = len(epoch_batches([len(e.tokens) for e in train_set], opts.batch_size, opts.seed, 0))
+        opts = replace(opts, max_steps=max(1, math.ceil(opts.epochs * per_epoch / (opts.grad_accum * world))))
+        say(f"--epochs {opts.epochs:g}: {opts.max_steps} steps")
     say(f"model {opts.model} on {device} | {world} process(es)")
 
     # The adapter: the only trainable parameters. Seeded identically on every process.
     torch.manual_seed(opts.seed)
     lora.add_lora(model, r=opts.lora_r, alpha=opts.lora_alpha, dropout=opts.lora_dropout, rslora=opts.rslora)
+    if opts.init_adapter and not opts.resume:
+        start_from(model, opts.init_adapter)
     params = lora.lora_parameters(model)
     # fused: one kernel updates every adapter tensor, instead of a handful of ops per tensor.
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, fused=True)
@@ -384,7 +457,7 @@ def train(opts: Options):
             # Global micro-batch g goes to process g % world: one process with grad_accum 2k sees the
             # same batches per step as 2 processes with grad_accum k.
             micro_batch = [train_set[i] for i in batch((step * opts.grad_accum + micro) * world + rank)]
-            tokens, weights = collate(micro_batch, device)
+            tokens, weights = collate(micro_batch, device, opts.tag_loss)
             sync = not ddp or micro == opts.grad_accum - 1  # DDP all-reduces gradients on the last only
             with nullcontext() if sync else net.no_sync(), autocast:
                 loss = loss_fn(net, tokens, weights, opts.grad_checkpoint)

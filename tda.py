@@ -43,7 +43,7 @@ import sample
 import sft
 from cli import BadInput, Range, exit_on_bad_input, parse_options
 from model import capture, pad
-from prep import TAG_LINE, Message, build_examples, encode_example, load_pair, one_line, split_sessions, tag
+from prep import BM25, TAG_LINE, Message, build_examples, encode_example, load_pair, one_line, split_sessions, tag, words
 
 COMMANDS = ("index", "query", "lens", "eval")
 POOLINGS = {"act": ("mean", "last", "all"), "lens": ("mean", "last")}  # what each mode stores per layer
@@ -350,37 +350,6 @@ def plot_lens(top_p, top_tokens, columns, path: Path):
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: can a copy or a light paraphrase of a training message find it again?
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-class BM25:
-    """Okapi BM25 (Robertson & Zaragoza 2009, https://doi.org/10.1561/1500000019), the lexical baseline:
-    score(q, d) = sum over the distinct words w of q of
-        idf(w) * tf(w, d) * (k1 + 1) / (tf(w, d) + k1 * (1 - b + b * |d| / mean |d|)),
-    idf(w) = ln(1 + (N - n(w) + 0.5) / (n(w) + 0.5)), n(w) = documents holding w (Lucene's idf: never
-    negative, so a word in most messages still counts a little)."""
-
-    def __init__(self, docs: list[list[str]], k1=1.5, b=0.75):
-        self.k1, self.b, self.n_docs = k1, b, len(docs)
-        self.length = np.array([len(d) for d in docs], dtype=float)  # (N,)
-        counts = defaultdict(dict)  # word -> {document: count}
-        for j, d in enumerate(docs):
-            for w, c in Counter(d).items():
-                counts[w][j] = c
-        self.postings = {w: (np.array(list(c)), np.array(list(c.values()), dtype=float))  # (n(w),) each
-                         for w, c in counts.items()}
-
-    def scores(self, query: list[str]) -> np.ndarray:
-        out = np.zeros(self.n_docs)  # (N,)
-        for w in set(query) & self.postings.keys():
-            docs, tf = self.postings[w]
-            idf = np.log(1 + (self.n_docs - len(docs) + 0.5) / (len(docs) + 0.5))
-            norm = 1 - self.b + self.b * self.length[docs] / self.length.mean()
-            out[docs] += idf * tf * (self.k1 + 1) / (tf + self.k1 * norm)
-        return out
-
 
 # Light paraphrases: rule-based edits a person might make retyping a message. Each takes (text, rng).
 CONTRACTIONS = {"do not": "don't", "did not": "didn't", "is not": "isn't", "cannot": "can't", "i am": "i'm",

@@ -1,10 +1,13 @@
 """eval.py: every score against a direct computation, the judge against a local fake API, and the CLI."""
 import json
+import math
+import random
 import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,7 +196,7 @@ def test_the_verbatim_copy_rate_counts_exactly_the_replies_equal_to_training_mes
     canned = [texts[0].upper(), "  " + texts[5] + "  ", texts[9] + " and more", "zq xv wk"]  # 2 copies of 4
     monkeypatch.setattr(sample, "generate", lambda model, tok, prompts, opts: canned[: len(prompts)])
     r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=4, batch_size=4,
-                               context_messages=2, out=str(tmp_path / "e.json")))
+                               turing_samples=1, turing_train=0, context_messages=2, out=str(tmp_path / "e.json")))
     assert r["samples"]["fine-tuned"]["training_copies"] == r["samples"]["base"]["training_copies"] == 0.5
     assert r["samples"]["fine-tuned"]["n"] == 4
     assert (tmp_path / "e_lengths.png").stat().st_size > 1000
@@ -248,16 +251,15 @@ class FakeAPI:
         self.server.shutdown()
 
 
-ITEMS = [([f"[RIYA] question {j}"], f"real reply {j}", f"simulated reply {j}") for j in range(12)]
+ITEMS = [([f"[RIYA] question {j}"], f"real reply {j}", [f"simulated reply {j}.{n}" for n in range(4)])
+         for j in range(12)]
 
 
-def expected_error_rate(requests, answer="A"):
-    """From the prompts the server saw: the judge (always `answer`) is wrong where the real reply is not there."""
-    where = []
-    for _, body in requests:
-        prompt = body["messages"][0]["content"]
-        where.append("A" if re.search(r"Reply A: real reply", prompt) else "B")
-    return sum(w != answer for w in where) / len(where), where
+def expected_pick_rate(requests, answer="A"):
+    """From the prompts the server saw: a judge that always answers `answer` picked the real reply
+    where the real reply stood at that letter."""
+    where = [re.search(r"Reply ([A-E]): real reply", body["messages"][0]["content"]).group(1) for _, body in requests]
+    return sum(w == answer for w in where) / len(where), where
 
 
 def test_the_judge_caches_its_answers_and_never_shows_the_key(tmp_path, monkeypatch, capsys):
@@ -266,9 +268,10 @@ def test_the_judge_caches_its_answers_and_never_shows_the_key(tmp_path, monkeypa
     try:
         first = ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
         assert len(api.requests) == len(ITEMS) and api.requests[0][0] == "/v1/chat/completions"
-        rate, where = expected_error_rate(api.requests)
-        assert {"A", "B"} == set(where)  # the seeded order really puts the real reply in both places
-        assert first["error_rate"] == pytest.approx(rate) and first["judgements"] == len(ITEMS)
+        rate, where = expected_pick_rate(api.requests)
+        assert len(set(where)) >= 3  # the seeded order really moves the real reply around
+        assert first["pick_real"] == pytest.approx(rate) and first["judgements"] == len(ITEMS)
+        assert first["candidates"] == 5
         again = ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
         assert len(api.requests) == len(ITEMS) and again == first  # all from the cache: nothing sent
         assert len(cache.read_text().splitlines()) == len(ITEMS)
@@ -293,7 +296,7 @@ def test_an_interrupted_judge_keeps_what_it_paid_for_and_exits_with_one_sentence
         api.fail_after = None  # the quota is back: run again
         result = ev.judge(ITEMS, FRIEND, "judge-1", api.url, "JUDGE_KEY", cache, seed=0)
         assert len(api.requests) == len(ITEMS)  # 5 before the failure + only the 7 missing ones after it
-        assert result["error_rate"] == pytest.approx(expected_error_rate(api.requests, "B")[0])
+        assert result["pick_real"] == pytest.approx(expected_pick_rate(api.requests, "B")[0])
     finally:
         api.close()
 
@@ -339,9 +342,9 @@ def free_port():
 
 def test_cli_an_unreachable_judge_is_one_line_and_exit_status_2(small_chat, tiny_adapter, tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
-    out = script("eval.py", "--adapter", str(tiny_adapter), "--data", str(small_chat), "--samples", "2",
+    out = script("eval.py", "--adapter", str(tiny_adapter), "--data", str(small_chat), "--samples", "2", "--turing-train", "0",
               "--out", str(tmp_path / "e.json"), "--judge-model", "m", "--judge-base-url", url,
-              "--judge-cache", str(tmp_path / "cache.jsonl"), env={"OPENAI_API_KEY": KEY})
+              "--api-cache", str(tmp_path / "cache.jsonl"), env={"OPENAI_API_KEY": KEY})
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {url} (m) failed (APIConnectionError")
@@ -351,13 +354,14 @@ def test_cli_an_unreachable_judge_is_one_line_and_exit_status_2(small_chat, tiny
 
 def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tiny_adapter, tmp_path):
     out = script("eval.py", "--adapter", str(tiny_adapter), "--data", str(small_chat), "--model", str(tiny_chat_dir),
-              "--samples", "4", "--out", str(tmp_path / "eval.json"))
+              "--samples", "4", "--turing-train", "8", "--turing-samples", "2", "--who-said", "6",
+              "--out", str(tmp_path / "eval.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     for row in ("| (a) base |", "| (b) base |", "| (c) fine-tuned |", "| (d) fine-tuned |",
                 "| always the same person again |", "| fine-tuned |"):
         assert row in out.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result["nll"]) == {"a", "b", "c", "d"} and result["settings"]["long_context"] == 64
+    assert set(result["nll"]) == set("abcdef") and result["settings"]["long_context"] == 64
     assert result["settings"]["speaker"] == FRIEND and result["samples"]["real"]["n"] == 4
     assert result["nll"]["a"]["messages"] == result["nll"]["b"]["messages"] == result["settings"]["messages"]
     assert result["settings"]["messages"] == result["settings"]["held_out_messages"]  # fewer than 200: all
@@ -367,6 +371,7 @@ def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tin
 
 def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_adapter, tmp_path):
     r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=3, max_messages=5,
+                               turing_train=6, turing_samples=2, who_said=4,
                                long_context=128, context_messages=2, out=str(tmp_path / "e.json")))
     assert [r["nll"][k]["messages"] for k in "abcd"] == [5] * 4 and r["settings"]["messages"] == 5
     assert r["settings"]["held_out_messages"] > 5 and r["samples"]["real"]["n"] == 3
@@ -403,10 +408,243 @@ def test_an_adapter_trained_at_max_len_1024_is_evaluated_at_1024_unless_a_flag_s
     real = ev.encode_example
     monkeypatch.setattr(ev, "encode_example", lambda *a: seen.append(a[-1]) or real(*a))
     opts = ev.Options(adapter=str(tmp_path / "run" / "adapter"), samples=2, max_messages=3, long_context=64,
+                      turing_train=4, turing_samples=1, who_said=3,
                       out=str(tmp_path / "e.json"))
     r = ev.evaluate(opts)  # no --data, no --max-len: both from the adapter's training.json
-    assert set(seen) == {1024} and r["settings"]["max_len"] == 1024 and r["settings"]["context_messages"] == 3
+    # short-context examples at 1024, and (e), (f) with room for the retrieved messages on top
+    assert set(seen) == {1024, 1024 + 512} and r["settings"]["max_len"] == 1024 and r["settings"]["context_messages"] == 3
     assert r["settings"]["data"] == str(small_chat) and r["settings"]["adapter"] == str(tmp_path / "run" / "adapter")
     seen.clear()
     assert ev.evaluate(ev.Options(**{**vars(opts), "max_len": 256}))["settings"]["max_len"] == 256
-    assert set(seen) == {256}
+    assert set(seen) == {256, 256 + 512}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 13's numbers, each against a direct computation on a tiny case.
+
+def scores_of(rows):
+    """{key: (nats, tokens, chars)} -> Scores."""
+    s = ev.Scores()
+    for key, (nats, tokens, chars) in rows.items():
+        s.nll[key], s.chars[key] = (nats, tokens), chars
+    return s
+
+
+def test_the_paired_bootstrap_equals_a_for_loop_over_the_same_draws_and_collapses_on_a_constant():
+    rng = np.random.default_rng(1)
+    rows_x = {(0, i): (float(rng.uniform(5, 30)), int(rng.integers(3, 12)), int(rng.integers(10, 40))) for i in range(40)}
+    rows_y = {k: (n + float(rng.normal(1.0, 2.0)), t, c) for k, (n, t, c) in rows_x.items()}
+    x, y = scores_of(rows_x), scores_of(rows_y)
+    got = ev.contrast(x, y, "token", n_boot=500, seed=7)
+    keys = sorted(rows_x)
+    draws = np.random.default_rng(7).integers(0, len(keys), (500, len(keys)))
+    diffs = []
+    for draw in draws:  # the definition, one resample at a time
+        picked = [keys[j] for j in draw]
+        diffs.append((sum(rows_x[k][0] for k in picked) - sum(rows_y[k][0] for k in picked))
+                     / sum(rows_x[k][1] for k in picked))
+    assert got["low"] == pytest.approx(np.percentile(diffs, 2.5)) and got["high"] == pytest.approx(np.percentile(diffs, 97.5))
+    total = sum(v[0] for v in rows_x.values()) - sum(v[0] for v in rows_y.values())
+    assert got["difference"] == pytest.approx(total / sum(v[1] for v in rows_x.values()))
+    assert got["low"] < got["difference"] < got["high"] < 0  # y is worse by ~1 nat a message: x is better
+    # A difference of exactly 0.5 bits per character on every message: the interval is that point.
+    same = scores_of({k: (n, t, c) for k, (n, t, c) in rows_x.items()})
+    shifted = scores_of({k: (n + 0.5 * c * math.log(2), t, c) for k, (n, t, c) in rows_x.items()})
+    flat = ev.contrast(shifted, same, "char", n_boot=200)
+    assert flat["difference"] == pytest.approx(0.5) and flat["low"] == pytest.approx(0.5) == pytest.approx(flat["high"])
+
+
+def test_bits_per_character_divide_the_nats_by_ln_2_and_the_characters_of_the_scored_tokens(chat):
+    model, tok, tags, _, held_out = chat
+    scores = ev.short_context(model, tok, held_out, tags, FRIEND, 8, 512, batch_size=8)
+    nats = sum(n for n, _ in scores.nll.values())
+    assert ev.bits_per_char(scores) == pytest.approx(nats / math.log(2) / sum(scores.chars.values()))
+    for s, i in list(scores.nll)[:10]:  # the scored tokens spell exactly the characters counted
+        k = min(8, i)
+        tokens, mask, _, _ = encode_example(tok, held_out[s][i - k : i], held_out[s][i], tags, 512)
+        text = tok.decode([t for t, m in zip(tokens, mask) if m])
+        assert len(text) == scores.chars[(s, i)] == len(" " + one_line(held_out[s][i].text) + "\n")
+
+
+def test_retrieval_takes_the_top_bm25_messages_of_earlier_sessions_that_fit_in_time_order(chat):
+    from prep import BM25, words
+
+    _, tok, tags, train, held_out = chat
+    budget = 60
+    retrieve = ev.retriever(tok, train, held_out, tags, budget)
+    s, i = 0, 5
+    context = held_out[s][i - 3 : i]
+    got = retrieve(s, context)
+    earlier = [m for session in train for m in session]  # held-out session 0: only training sessions before it
+    scores = BM25([words(one_line(m.text)) for m in earlier]).scores(words(" ".join(one_line(m.text) for m in context)))
+    cost = lambda m: len(tok.encode(f"{tags[m.speaker]} {one_line(m.text)}\n", start=False))
+    expected, used = [], 0  # by hand: most relevant first, whole messages, skipping one that won't fit
+    for j in sorted(range(len(earlier)), key=lambda j: -scores[j]):
+        if scores[j] > 0 and used + cost(earlier[j]) <= budget:
+            expected.append(j)
+            used += cost(earlier[j])
+    assert got == [earlier[j] for j in sorted(expected)] and got  # in time order
+    assert all(m.time <= held_out[0][0].time for m in got)
+    assert retrieve(s, []) == [] and ev.retriever(tok, train, held_out, tags, 0)(s, context) == []
+    later = retrieve(1, held_out[1][:3]) if len(held_out) > 1 else []
+    assert all(m not in held_out[1] for m in later)  # never the target's own session
+
+
+class Rigged(torch.nn.Module):
+    """A model that, wherever the latest tag it has seen is [FRIEND], puts all its mass on the very next
+    token of the sequence (it peeks at the whole row: a rig, not a language model), and is uniform
+    elsewhere. So any text is likelier after [FRIEND] than after [RIYA], whoever wrote it."""
+
+    def __init__(self, tok, tags):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(1, 1)
+        self.cfg = type("Config", (), {"n_layers": 0})
+        self.norm = torch.nn.Identity()
+        self.tag_ids = {t: tok.encode(t, start=False) for t in tags.values()}
+        self.full = None  # the whole rows: scored_logprobs passes tokens[:, :-1], the rig wants the next one
+
+    def forward(self, tokens, mask=None, hooks=None, checkpoint=False, unembed=True):
+        B, T = tokens.shape
+        logits = torch.zeros(B, T, 49152)
+        for b in range(B):
+            row, last = self.full[b].tolist(), None
+            for p in range(T):
+                for t, ids in self.tag_ids.items():
+                    if row[max(0, p - len(ids) + 1) : p + 1] == ids:
+                        last = t
+                if last == FRIEND:
+                    logits[b, p, row[p + 1]] = 50.0
+        return logits
+
+    def unembed(self, x):
+        return x
+
+
+def test_who_said_this_on_a_rigged_model_equals_that_persons_share(chat, monkeypatch):
+    _, tok, tags, _, held_out = chat
+    rig = Rigged(tok, tags)
+    real = ev.scored_logprobs
+
+    def peeking(model, tokens, scored, **kw):
+        model.full = tokens
+        return real(model, tokens, scored, **kw)
+
+    monkeypatch.setattr(ev, "scored_logprobs", peeking)
+    result = ev.who_said(rig, tok, held_out, tags, 2, 512, 8, per_person=10)
+    # FRIEND's texts are likelier after their real tag, RIYA's after the swapped one: right = FRIEND's share.
+    assert result["[FRIEND]"]["accuracy"] == 1.0 and result["[RIYA]"]["accuracy"] == 0.0
+    assert result["accuracy"] == pytest.approx(0.5) and result["messages"] == 20
+
+
+def test_the_detector_finds_a_planted_signal_and_is_at_chance_without_one():
+    rng = random.Random(0)
+    vocab = "we should go get food later maybe tonight sure ok yes no idk lol".split()
+    text = lambda: " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 9)))
+    real_train = [text() + " 🙂" for _ in range(80)]  # the person always ends with an emoji
+    fake_train = [text() for _ in range(80)]
+    detector = ev.train_detector(real_train, fake_train)
+    real = ev.detector_scores(detector, [text() + " 🙂" for _ in range(30)])
+    fake = np.array([ev.detector_scores(detector, [text() for _ in range(4)]) for _ in range(30)])
+    planted = ev.pick_the_real(real, fake, n_boot=200)
+    assert planted["pick_real"] > 0.9 and planted["auc"] > 0.95 and planted["candidates"] == 5
+    blind = ev.train_detector([text() for _ in range(80)], [text() for _ in range(80)])
+    real = ev.detector_scores(blind, [text() for _ in range(200)])
+    fake = np.array([ev.detector_scores(blind, [text() for _ in range(4)]) for _ in range(200)])
+    none = ev.pick_the_real(real, fake, n_boot=200)
+    assert 0.1 < none["pick_real"] < 0.32 and 0.4 < none["auc"] < 0.6
+    assert none["pick_real_interval"][0] < 0.2 < none["pick_real_interval"][1]
+
+
+def test_pick_the_real_and_auc_by_hand():
+    real = np.array([5.0, 0.0, 2.0])
+    fake = np.array([[1.0, 2.0], [3.0, 4.0], [2.0, 1.0]])  # prompt 2: a tie with the real one
+    r = ev.pick_the_real(real, fake, n_boot=100, seed=0)
+    # Prompt 0: caught; 1: not; 2: a tie (jitter decides) -> 1 or 2 of 3.
+    assert r["pick_real"] in (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    # AUC over all 3 x 6 pairs: real 5 beats 6; real 0 beats 0; real 2 beats 3 (1, 1, 1 from other rows... by hand):
+    pairs = [(x, y) for x in real for y in fake.flatten()]
+    assert r["auc"] == pytest.approx(np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in pairs]))
+
+
+def test_conversation_statistics_by_hand():
+    conversation = ["[A] we should get food", "[A] we should get food", "[B] ok lets go get food now",
+                    "[B] yes", "[A] we should get food tonight"]
+    s = ev.conversation_stats([conversation], training_texts={"yes"})
+    assert s["messages"] == 5 and s["verbatim_repeats"] == 1 / 5  # message 2 repeats message 1
+    # 4-grams: m1 "we should get food" (1); m2 the same (1, repeated); m3 3 new; m4 none; m5 2 ("we should
+    # get food" repeated, "should get food tonight" new): 7 in all, 2 repeated.
+    assert s["repeated_4grams"] == pytest.approx(2 / 7)
+    assert s["run_mean"] == pytest.approx((2 + 2 + 1) / 3) and s["training_copies"] == 1 / 5
+    last = ev.conversation_stats([conversation], training_texts=set(), last=2)
+    assert last["messages"] == 2 and last["repeated_4grams"] == pytest.approx(1 / 2)  # history still counts
+
+
+class FakeCompletions:
+    """A local OpenAI-compatible completions server: echo with logprobs gives one token per character
+    with log-prob -ln 2 (one bit each); a sampling request returns n fixed replies. no_logprobs=True:
+    a server that returns no prompt log-probs."""
+
+    def __init__(self, no_logprobs=False):
+        self.requests, self.no_logprobs = [], no_logprobs
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append(body)
+                prompt = body["prompt"]
+                if body.get("echo"):
+                    logprobs = None if api.no_logprobs else {
+                        "tokens": list(prompt), "token_logprobs": [None] + [-math.log(2)] * (len(prompt) - 1),
+                        "text_offset": list(range(len(prompt))), "top_logprobs": None}
+                    choices = [{"index": 0, "text": prompt + "x", "finish_reason": "length", "logprobs": logprobs}]
+                else:
+                    choices = [{"index": j, "text": f" big reply {j}", "finish_reason": "stop", "logprobs": None}
+                               for j in range(body.get("n", 1))]
+                data = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
+                                   "choices": choices}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("no_logprobs", [False, True])
+def test_a_big_model_behind_a_server_is_scored_from_its_prompt_logprobs(small_chat, tiny_adapter, tmp_path,
+                                                                        monkeypatch, capsys, no_logprobs):
+    monkeypatch.setenv("BIG_KEY", KEY)
+    api = FakeCompletions(no_logprobs)
+    try:
+        opts = ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=3, max_messages=4, long_context=64,
+                          turing_train=5, turing_samples=2, who_said=0, context_messages=2, big_model="big-1",
+                          big_base_url=api.url, big_key_env="BIG_KEY", big_context=300, api_cache=str(tmp_path / "c.jsonl"),
+                          out=str(tmp_path / "e.json"))
+        r = ev.evaluate(opts)
+        sent = len(api.requests)
+        assert sent == 4 + 3 + 5  # 4 scored messages, 3 held-out and 5 training prompts to reply to
+        if no_logprobs:
+            assert "g" not in r["nll"] and "gives no prompt log-probs" in capsys.readouterr().err
+        else:
+            # One bit per character of each message's " text" and newline, exactly: 1.0 bits per character.
+            assert r["nll"]["g"]["bits_per_char"] == pytest.approx(1.0) and r["nll"]["g"]["messages"] == 4
+            assert "c vs g" in r["contrasts"]
+            prompt = next(b["prompt"] for b in api.requests if b.get("echo"))
+            assert len(prompt) <= 300 + 200 and prompt.endswith("\n") and prompt.split("\n")[-2].startswith(FRIEND)
+        assert r["samples"]["big model"]["n"] == 3 * 2 and "big model" in r["turing"]
+        ev.evaluate(opts)
+        assert len(api.requests) == sent  # a rerun sends nothing: every answer is cached
+        err = capsys.readouterr().err
+        assert f"to {api.url} (big-1)" in err and KEY not in err
+    finally:
+        api.close()

@@ -3,11 +3,12 @@ import math
 from collections import Counter
 from datetime import datetime, timedelta
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, package_file, script
 from model import BadInput, SentencePieceTokenizer
-from prep import (TAG_LINE, Message, build_examples, choose_pair, clean, encode_example, read_chitchat, read_export,
+from prep import (BM25, TAG_LINE, Message, build_examples, choose_pair, clean, encode_example, read_chitchat, read_export,
                   sessions, tag)
 
 EXPORTS = ROOT / "tests" / "data" / "exports"
@@ -181,3 +182,15 @@ def test_the_shipped_convos_jsonl_is_chitchats_most_active_pair():
     assert not drops and len(shipped) == len(corpus) == 11431
     assert [(m.time, m.text, m.conversation) for m in shipped] == [(m.time, m.text, m.conversation) for m in corpus]
     assert [m.speaker for m in shipped] == ["Riya" if m.speaker == first else "Friend" for m in corpus]
+
+
+def test_bm25_matches_a_hand_computation():
+    docs = [["the", "cat", "sat"], ["the", "dog", "sat", "down"], ["a", "cat", "and", "a", "cat"]]
+    scores = BM25(docs).scores(["cat", "sat", "sat", "fish"])  # repeated and unknown words add nothing
+    # "cat" and "sat" are each in 2 of 3 documents: idf = ln(1 + 1.5 / 2.5) = ln 1.6. Mean length 4.
+    # Each term: idf * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * length / 4)).
+    expected = [2 * math.log(1.6) * 2.5 / (1 + 1.5 * (0.25 + 0.75 * 3 / 4)),  # cat + sat, length 3
+                math.log(1.6) * 2.5 / (1 + 1.5 * (0.25 + 0.75 * 4 / 4)),  # sat, length 4
+                math.log(1.6) * 2 * 2.5 / (2 + 1.5 * (0.25 + 0.75 * 5 / 4))]  # cat twice, length 5
+    np.testing.assert_allclose(scores, expected)
+    np.testing.assert_allclose(scores, [1.05916, 0.47000, 0.62149], atol=1e-5)

@@ -193,3 +193,22 @@ def test_a_reply_that_ends_its_turn_is_marked_ended_and_a_cut_one_is_not(smol):
     [cut] = sample.generate_ids(model, prompt, replace(greedy_opts, max_new_tokens=len(whole.ids) - 1),
                                 sample.turn_ends(tok))
     assert not cut.ended and cut.ids == whole.ids[:-1]
+
+
+def test_repeated_prompts_share_one_prefill_and_still_sample_exactly_what_is_scored(tiny_chat_dir):
+    from model import load_tokenizer, pad, scored_logprobs
+
+    model, tok = load_checkpoint(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
+    one, two = tok.encode("[RIYA] hi\n[FRIEND]"), tok.encode("[FRIEND] a longer line than the other\n[RIYA]")
+    prompts = [one, two, one, one]
+    forwards = []
+    opts = Options(max_new_tokens=6, temperature=0.9, top_p=1.0, repetition_penalty=1.0)
+    replies = sample.generate_ids(model, prompts, opts, hooks={"resid.0": lambda x: forwards.append(x.shape[0])})
+    assert forwards[0] == 2  # the prefill ran the 2 distinct prompts, not 4
+    assert len({tuple(replies[j].ids) for j in (0, 2, 3)}) > 1  # separate samples, not one copied
+    tokens, mask = pad([p + r.ids for p, r in zip(prompts, replies)], left=True)
+    scored = torch.zeros_like(mask)
+    scored[:, -6:] = True
+    with torch.no_grad():
+        rescored = scored_logprobs(model, tokens, scored, mask=mask, temperature=0.9)
+    torch.testing.assert_close(rescored, torch.tensor([lp for r in replies for lp in r.logprobs]), atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """sft.py end to end on a tiny model: outputs, resume equality, 2-process DDP, divergence, bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -194,3 +195,17 @@ def test_an_old_pickled_checkpoint_is_named_and_not_loaded(small_chat, tiny_chat
         train(Options(**{**vars(opts), "resume": True}))
     with pytest.raises(BadInput, match="checkpoint.pt exists: pass --resume"):
         train(opts)
+
+
+def test_epochs_set_the_steps_to_that_many_passes_over_the_training_examples(small_chat, tiny_chat_dir, tmp_path):
+    from prep import build_examples, load_pair
+
+    opts = quick(small_chat, tiny_chat_dir, tmp_path, epochs=0.25, batch_size=16, eval_every=1000, save_every=1000)
+    train(opts)
+    messages, _ = load_pair(small_chat)
+    from model import load_tokenizer
+
+    examples, _ = build_examples(messages, load_tokenizer(tiny_chat_dir), max_len=128)
+    per_epoch = len(sft.epoch_batches([len(e.tokens) for e in examples], 16, 0, 0))
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps[-1] == math.ceil(per_epoch / 4) and steps[-1] != opts.max_steps

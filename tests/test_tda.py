@@ -1,12 +1,10 @@
 """tda.py: padding never enters a pooled vector, the index round trip, retrieval of an example by itself,
 the logit lens against the model's own logits, BM25 by hand, the evaluation end to end, and the CLI."""
-import math
 import random
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,17 +129,6 @@ def test_the_sparse_lens_cosine_is_the_dense_one_when_nothing_is_cut(tiny):
         expected = F.normalize(dense, dim=-1) @ F.normalize(dense, dim=-1).T
         torch.testing.assert_close(tda.similarity(pooled, pooled, f"lens.{p}.2", 101), expected)
 
-
-def test_bm25_matches_a_hand_computation():
-    docs = [["the", "cat", "sat"], ["the", "dog", "sat", "down"], ["a", "cat", "and", "a", "cat"]]
-    scores = tda.BM25(docs).scores(["cat", "sat", "sat", "fish"])  # repeated and unknown words add nothing
-    # "cat" and "sat" are each in 2 of 3 documents: idf = ln(1 + 1.5 / 2.5) = ln 1.6. Mean length 4.
-    # Each term: idf * tf * 2.5 / (tf + 1.5 * (0.25 + 0.75 * length / 4)).
-    expected = [2 * math.log(1.6) * 2.5 / (1 + 1.5 * (0.25 + 0.75 * 3 / 4)),  # cat + sat, length 3
-                math.log(1.6) * 2.5 / (1 + 1.5 * (0.25 + 0.75 * 4 / 4)),  # sat, length 4
-                math.log(1.6) * 2 * 2.5 / (2 + 1.5 * (0.25 + 0.75 * 5 / 4))]  # cat twice, length 5
-    np.testing.assert_allclose(scores, expected)
-    np.testing.assert_allclose(scores, [1.05916, 0.47000, 0.62149], atol=1e-5)
 
 
 def test_paraphrases_are_seeded_and_edit_the_text():
