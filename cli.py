@@ -1,5 +1,5 @@
 """What every script shares and none of the stages owns: options from a dataclass, one-sentence errors,
-atomic writes, subcommands, and a plot's boilerplate.
+atomic writes, subcommands, progress bars, and a plot's boilerplate.
 
     from cli import BadInput, exit_on_bad_input, parse_options
 
@@ -23,6 +23,8 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 class BadInput(Exception):
@@ -180,6 +182,12 @@ def write_atomically(path, write):
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())
         raise BadInput(f"could not write {path}: {reason}" + ("" if not path.exists() else
                                                              "; the previous file is left as it was")) from None
+
+
+def progress(iterable=None, disable=False, **kw):
+    """tqdm's bar on a terminal; none when stderr is a file or a pipe, where its carriage returns garble
+    the log. Lines written with tqdm.write (each step's) print either way."""
+    return tqdm(iterable, disable=True if disable else None, **kw)  # None: tqdm's "off unless a terminal"
 
 
 def pyplot():

@@ -46,7 +46,6 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 import lora
@@ -196,7 +195,7 @@ def score_rows(model, rows, batch_size, desc, choose=None):
     final = f"resid.{model.cfg.n_layers}"  # the stream before the final norm: norm + unembed = the logits
     nll_out, chosen = [0.0] * len(rows), [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda j: len(rows[j][0]))  # similar lengths share a batch
-    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    for first in cli.progress(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = order[first : first + batch_size]
         tokens, _ = pad([rows[j][0] for j in batch], device=device)
         scored = pad([rows[j][1] for j in batch], device=device)[0].bool()  # (B, T): the target's tokens
@@ -348,7 +347,7 @@ def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget
     """Score every message of speaker_tag in the last n_held_out sessions, from key start on, with up
     to budget tokens of the history before it. Scores.window records which lines each forward held."""
     stream = [m for session in all_sessions for m in session]  # the whole history, in time order
-    lines = [line_tokens(tok, m, tags) for m in tqdm(stream, desc="tokenizing", unit="message", leave=False)]
+    lines = [line_tokens(tok, m, tags) for m in cli.progress(stream, desc="tokenizing", unit="message", leave=False)]
     size = [len(h) + len(t) for h, t in lines]
     first_held_out = len(stream) - sum(len(s) for s in all_sessions[-n_held_out:])
 
@@ -373,7 +372,7 @@ def long_context(model, tok, all_sessions, n_held_out, tags, speaker_tag, budget
     held = dict(enumerate([(s, i) for s, session in enumerate(all_sessions[-n_held_out:])
                            for i in range(len(session))], start=first_held_out))
     scores = Scores()
-    for first, c, e in tqdm(forwards, desc=desc, unit="forward"):
+    for first, c, e in cli.progress(forwards, desc=desc, unit="forward"):
         while True:
             # The window's first line begins the document (with BOS where the model wants one), so the
             # tokens equal tok.encode of the window's text; that can add a token or two: drop a line.
@@ -437,7 +436,7 @@ def simulate(model, tok, prompts: list[str], seed: int, batch_size: int, per_pro
     [[reply, ...] per prompt]."""
     repeated = [p for p in prompts for _ in range(per_prompt)]
     replies = []
-    for j in tqdm(range(0, len(repeated), batch_size), desc=desc, unit="batch", leave=False):
+    for j in cli.progress(range(0, len(repeated), batch_size), desc=desc, unit="batch", leave=False):
         replies += sample.generate(model, tok, repeated[j : j + batch_size], sample.Options(seed=seed + j))
     return [replies[k : k + per_prompt] for k in range(0, len(replies), per_prompt)]
 
@@ -582,7 +581,7 @@ def ask_api(prompts: dict, request, model_name, base_url, key_env, cache_path, w
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a", encoding="utf-8") as f:
-        for key, prompt in tqdm(to_send.items(), desc=f"asking {model_name}", unit="request"):
+        for key, prompt in cli.progress(to_send.items(), desc=f"asking {model_name}", unit="request"):
             try:
                 answer = request(client, prompt)
             except (OpenAIError, AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
@@ -787,7 +786,7 @@ def self_play(model, tok, held_out, tags, fit, n: int, length: int, seed: int) -
     openers = [session[0] for session in held_out]
     people = sorted(set(tags.values()))
     conversations = []
-    for j in tqdm(range(n), desc="self-play", unit="conversation", leave=False):
+    for j in cli.progress(range(n), desc="self-play", unit="conversation", leave=False):
         m = openers[j % len(openers)]
         lines = [f"{tags[m.speaker]} {one_line(m.text)}"]
         sample.loop(model, tok, lines, sample.Options(loop=length - 1, seed=seed + 1000 * j), people, fit=fit,
@@ -833,6 +832,7 @@ def evaluate(opts: Options) -> dict:
         t = time.time()
         result = fn()
         seconds[name] = round(time.time() - t, 1)
+        print(f"{name}: {seconds[name]:.0f} s", file=sys.stderr)
         return result
 
     stream = [m for session in train_sessions + held_out for m in session]
@@ -914,15 +914,16 @@ def evaluate(opts: Options) -> dict:
     with lora.disabled(model):  # the base model: the same weights with the adapter switched off
         a = timed("(a)", lambda: short("(a) base, short context"))
         b = timed("(b)", lambda: long("(b) base, long context"))
-        e = timed("(e)", lambda: short("(e) base, retrieval", retrieve=retrieve))
+        e = timed("(e)", lambda: short("(e) base, retrieval", retrieve=retrieve)) if opts.retrieval_tokens else None
         said_base = timed("who said (base)", lambda: said("who said this (base)")) if opts.who_said else None
     c = timed("(c)", lambda: short("(c) fine-tuned, short context"))
     d = timed("(d)", lambda: long("(d) fine-tuned, long context"))
-    f = timed("(f)", lambda: short("(f) fine-tuned, retrieval", retrieve=retrieve))
+    f = timed("(f)", lambda: short("(f) fine-tuned, retrieval", retrieve=retrieve)) if opts.retrieval_tokens else None
     said_tuned = timed("who said (fine-tuned)", lambda: said("who said this (fine-tuned)")) if opts.who_said else None
 
     runs = [("a", "base", "short", a), ("b", "base", "long", b), ("c", "fine-tuned", "short", c),
             ("d", "fine-tuned", "long", d), ("e", "base", "retrieval", e), ("f", "fine-tuned", "retrieval", f)]
+    runs = [run for run in runs if run[3] is not None]  # --retrieval-tokens 0: no (e), (f)
     if big is not None:
         runs.append(("g", opts.big_model, "big", big))
     nll = {}
@@ -933,7 +934,9 @@ def evaluate(opts: Options) -> dict:
                     "bits_per_char": bits_per_char(scores)}
     named = dict((key, scores) for key, _, _, scores in runs)
     contrasts = {}
-    for x, y in [("c", "b"), ("c", "e"), ("f", "c"), ("d", "b"), ("e", "a")] + ([("c", "g")] if big is not None else []):
+    for x, y in [("c", "b"), ("c", "e"), ("f", "c"), ("d", "b"), ("e", "a"), ("c", "g")]:
+        if x not in named or y not in named:
+            continue
         contrasts[f"{x} vs {y}"] = {
             "nats_per_token": None if "g" in (x, y) else contrast(named[x], named[y], "token", opts.bootstrap, opts.seed),
             "bits_per_char": contrast(named[x], named[y], "char", opts.bootstrap, opts.seed)}

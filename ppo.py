@@ -100,6 +100,7 @@ class Options:
     save_every: Annotated[int, "steps between checkpoints", Range(1)] = 10
     check_rm: Annotated[str, "at the end, a second reward model (another seed, other prompts) compares the "
                              "result's held-out replies with stage 1's (default: none)"] = ""
+    check_prompts: Annotated[int, "held-out prompts of that comparison, one reply each from both", Range(1)] = 200
     seed: Annotated[int, "seed for prompts, samples, the LoRA and minibatches"] = 0
     allow_other_base: Annotated[bool, "load the adapter even onto a base model other than the one it was "
                                       "trained on"] = False
@@ -372,15 +373,16 @@ def load_models(opts: Options):
     return tuned.model, tuned.tok, tuned, rm, critic
 
 
-def prompt_pool(tuned: sft.Tuned, opts: Options):
-    """(training-session prompts to draw from, held-out prompts to evaluate on), both speakers."""
+def prompt_pool(tuned: sft.Tuned, opts: Options, heldout=None):
+    """(training-session prompts to draw from, held-out prompts to evaluate on), both speakers;
+    heldout: how many held-out prompts (default --heldout)."""
     data = sft.data_settings(tuned.training, opts)
     messages, _ = load_pair(data.data)
     tags = {s: tag(s) for s in dict.fromkeys(m.speaker for m in messages)}
     train_sessions, held_out = split_sessions(messages, data.session_gap_hours, data.val_frac)
     speakers = sorted(set(tags.values()))
     return (rlaif.prompts_from(tuned.tok, train_sessions, tags, speakers, data, opts.pool),
-            rlaif.prompts_from(tuned.tok, held_out, tags, speakers, data, opts.heldout))
+            rlaif.prompts_from(tuned.tok, held_out, tags, speakers, data, heldout or opts.heldout))
 
 
 def trainable(policy, critic) -> dict:
@@ -476,7 +478,7 @@ def train(opts: Options, reward=None, models=None, pools=None) -> dict:
         tqdm.write(f"step 0 (stage 1): held-out score {row['heldout_score']:+.3f}, ended {row['heldout_ended']:.2f}; "
                    f"e.g. {rows[0]['speaker']} {rows[0]['reply']!r} ({rows[0]['score']:+.2f})")
     stop = sft.stop_requests(tqdm.write)
-    bar = tqdm(total=opts.steps, initial=step, unit="step")
+    bar = cli.progress(total=opts.steps, initial=step, unit="step")
     while step < opts.steps:
         t0 = time.time()
         for group in optimizer.param_groups:
@@ -542,7 +544,7 @@ def train(opts: Options, reward=None, models=None, pools=None) -> dict:
                "mean_kl_last_10": sum(r["kl"] for r in log[-10:] if "kl" in r) / max(1, len([r for r in log[-10:] if "kl" in r])),
                "ended_last_10": sum(r["ended"] for r in log[-10:] if "ended" in r) / max(1, len([r for r in log[-10:] if "ended" in r]))}
     if opts.check_rm and models is None:
-        summary["check_rm"] = check_with(opts, policy, tok, heldout)
+        summary["check_rm"] = check_with(opts, policy, tok, prompt_pool(tuned, opts, opts.check_prompts)[1])
     cli.write_atomically(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
 

@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from cli import BadInput, Parser, exit_on_bad_input, read_json, write_atomically
+from cli import BadInput, Parser, exit_on_bad_input, progress, read_json, write_atomically
 
 # Importers: every chat export becomes one list of Messages plus a Counter of what was dropped and why.
 # Nothing is skipped silently: a photo, a "Missed voice call" or a deleted message is counted under a
@@ -737,7 +736,7 @@ def build_examples(messages, tok, context_messages=8, gap_hours=3.0, val_frac=0.
     rng = random.Random(seed)  # one stream over both sides, in time order: the contexts drawn stay as they were
     examples = {"train": [], "val": []}
     for side, split in (("train", train_sessions), ("val", held_out)):
-        for s, session in enumerate(tqdm(split, desc=f"tokenizing ({side})", unit="session", leave=False)):
+        for s, session in enumerate(progress(split, desc=f"tokenizing ({side})", unit="session", leave=False)):
             for i, target in enumerate(session):
                 k = rng.randint(0, min(context_messages, i))
                 tokens, mask, text, cut = encode_example(tok, session[i - k : i], target, tags, max_len)

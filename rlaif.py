@@ -97,7 +97,7 @@ class Options:
     judge_key_env: Annotated[str, "environment variable that holds the judge's API key"] = "OPENAI_API_KEY"
     api_cache: Annotated[str, "the judge's answers, one JSON line each (default: api_cache.jsonl in --out)"] = ""
     # train-rm
-    max_steps: Annotated[int, "train-rm: optimizer steps", Range(1)] = 150
+    max_steps: Annotated[int, "train-rm: optimizer steps", Range(1)] = 100
     rm_batch: Annotated[int, "train-rm: pairs per step", Range(1)] = 8
     lr: Annotated[float, "train-rm: peak learning rate", POSITIVE] = 5e-4
     min_lr: Annotated[float, "train-rm: learning rate at the end of the cosine decay", Range(0)] = 5e-5
@@ -330,7 +330,7 @@ def revise(opts: Options) -> dict:
 def sample_batches(model, tok, prompt_ids: list[list[int]], seed: int, batch_size: int, desc: str) -> list:
     """One SAMPLING reply (sample.Reply: ids kept as sampled) per prompt, in seeded batches."""
     ends, out = sample.turn_ends(tok), []
-    for j in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch", leave=False):
+    for j in cli.progress(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch", leave=False):
         out += sample.generate_ids(model, prompt_ids[j : j + batch_size], replace(SAMPLING, seed=seed + j), ends)
     return out
 
@@ -705,7 +705,7 @@ def train_rm(opts: Options) -> dict:
     batches = lambda epoch: sft.epoch_batches(lengths, opts.rm_batch, opts.seed, epoch)
     per_epoch = len(batches(0))
     rm.model.train()
-    bar = tqdm(total=opts.max_steps, initial=step, unit="step")
+    bar = cli.progress(total=opts.max_steps, initial=step, unit="step")
     while step < opts.max_steps:
         t0 = time.time()
         for group in optimizer.param_groups:
@@ -793,6 +793,30 @@ def heldout_pairs(opts: Options, tuned, tags, held_out, speakers, data) -> list[
     return rows
 
 
+def pair_metrics(r_a, r_b, y, len_a, len_b) -> dict:
+    """Scores r_a, r_b of pairs with labels y (1: a is the better) and lengths in words -> the reward
+    model's accuracy, log loss and Brier score beside length-only rules and constant predictions."""
+    p = 1 / (1 + np.exp(-(r_a - r_b)))  # P(a better) by the reward model
+    right = ((r_a > r_b) == (y == 1)).astype(float)
+    shorter = np.where(len_a == len_b, 0.5, ((len_a < len_b) == (y == 1)).astype(float))  # "the shorter wins"
+    matched = np.abs(len_a - len_b) <= 2
+    real_len, other_len = np.where(y == 1, len_a, len_b), np.where(y == 1, len_b, len_a)
+    return {
+        "accuracy": float(right.mean()), "accuracy_interval": wilson(right.sum(), len(y)),
+        "shorter_wins": float(shorter.mean()), "shorter_wins_interval": wilson(shorter.sum(), len(y)),
+        # the strongest rule on length alone: "the shorter wins" or "the longer wins", whichever does better
+        # here (picked on these very pairs, which can only flatter the baseline)
+        "length_only": float(max(shorter.mean(), 1 - shorter.mean())),
+        "real_is_shorter": float((real_len < other_len).mean()),
+        "length_matched": {"pairs": int(matched.sum()), "accuracy": float(right[matched].mean()) if matched.any() else None,
+                           "interval": wilson(right[matched].sum(), int(matched.sum())),
+                           "shorter_wins": float(shorter[matched].mean()) if matched.any() else None},
+        "log_loss": float(-np.mean(y * np.log(p + 1e-12) + (1 - y) * np.log(1 - p + 1e-12))), "log_loss_constant": math.log(2),
+        "brier": float(np.mean((p - y) ** 2)), "brier_constant": 0.25,
+        "score_length_correlation": float(np.corrcoef(np.concatenate([r_a, r_b]), np.concatenate([len_a, len_b]))[0, 1]),
+    }
+
+
 def eval_rm(opts: Options, rm: RewardModel | None = None, tuned=None) -> dict:
     rm_dir = Path(opts.rm or Path(opts.out) / "rm")
     if rm is None:
@@ -810,26 +834,10 @@ def eval_rm(opts: Options, rm: RewardModel | None = None, tuned=None) -> dict:
     r_b = torch.cat([b for _, b in scored]).cpu().numpy()
     y = np.array([r["label"] for r in rows])
     words = lambda text: len(text.split())
-    len_a, len_b = np.array([words(r["a"]) for r in rows]), np.array([words(r["b"]) for r in rows])
-    p = 1 / (1 + np.exp(-(r_a - r_b)))  # P(a better) by the reward model
-    right = ((r_a > r_b) == (y == 1)).astype(float)
-    shorter = np.where(len_a == len_b, 0.5, ((len_a < len_b) == (y == 1)).astype(float))  # "the shorter wins"
-    matched = np.abs(len_a - len_b) <= 2
-    real_len = np.where(y == 1, len_a, len_b)
-    result = {
-        "pairs": len(rows), "rm": str(rm_dir), "stage1_adapter": tuned.adapter,
-        "accuracy": float(right.mean()), "accuracy_interval": wilson(right.sum(), len(rows)),
-        "shorter_wins": float(shorter.mean()), "shorter_wins_interval": wilson(shorter.sum(), len(rows)),
-        "real_is_shorter": float((real_len < np.where(y == 1, len_b, len_a)).mean()),
-        "length_matched": {"pairs": int(matched.sum()), "accuracy": float(right[matched].mean()) if matched.any() else None,
-                           "interval": wilson(right[matched].sum(), int(matched.sum())),
-                           "shorter_wins": float(shorter[matched].mean()) if matched.any() else None},
-        "log_loss": float(-np.mean(y * np.log(p + 1e-12) + (1 - y) * np.log(1 - p + 1e-12))), "log_loss_constant": math.log(2),
-        "brier": float(np.mean((p - y) ** 2)), "brier_constant": 0.25,
-        "score_length_correlation": float(np.corrcoef(np.concatenate([r_a, r_b]), np.concatenate([len_a, len_b]))[0, 1]),
-        "padding": padding_check(rm, rows[:4]),
-    }
-    plot_calibration(p, y, Path(opts.out) / "rm_calibration.png")
+    result = {"pairs": len(rows), "rm": str(rm_dir), "stage1_adapter": tuned.adapter,
+              **pair_metrics(r_a, r_b, y, np.array([words(r["a"]) for r in rows]), np.array([words(r["b"]) for r in rows])),
+              "padding": padding_check(rm, rows[:4])}
+    plot_calibration(1 / (1 + np.exp(-(r_a - r_b))), y, Path(opts.out) / "rm_calibration.png")
     cli.write_atomically(Path(opts.out) / "rm_eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
 
@@ -870,11 +878,13 @@ def markdown(r: dict) -> str:
     m = r["length_matched"]
     return "\n".join([
         f"Reward model {r['rm']} (on {r['stage1_adapter']}), {r['pairs']} held-out real-vs-sample pairs.", "",
-        "| held-out pairs | n | reward model | the shorter wins |", "| --- | ---: | ---: | ---: |",
-        f"| all | {r['pairs']} | {r['accuracy']:.3f} {iv(r['accuracy_interval'])} | {r['shorter_wins']:.3f} |",
+        "| held-out pairs | n | reward model | the shorter wins | length alone (shorter or longer wins) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| all | {r['pairs']} | {r['accuracy']:.3f} {iv(r['accuracy_interval'])} | {r['shorter_wins']:.3f} | "
+        f"{r['length_only']:.3f} |",
         f"| length-matched (within 2 words) | {m['pairs']} | "
         + (f"{m['accuracy']:.3f} {iv(m['interval'])}" if m["accuracy"] is not None else "-")
-        + f" | {m['shorter_wins'] if m['shorter_wins'] is None else round(m['shorter_wins'], 3)} |", "",
+        + f" | {m['shorter_wins'] if m['shorter_wins'] is None else round(m['shorter_wins'], 3)} | - |", "",
         f"Log loss {r['log_loss']:.4f} (constant 0.5: {r['log_loss_constant']:.4f}); Brier {r['brier']:.4f} (constant: "
         f"0.25); the real reply is the shorter in {r['real_is_shorter']:.0%} of pairs; correlation of score with length "
         f"{r['score_length_correlation']:+.3f}; largest score change from padding {r['padding']:.1e}."])

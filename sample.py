@@ -215,11 +215,16 @@ def reply_text(tok, prompt_ids: list[int], reply_ids: list[int]) -> str:
     return one_line(tok.decode(prompt_ids + reply_ids)[len(tok.decode(prompt_ids)) :].split("\n")[0])
 
 
-def generate(model, tok, prompts: list[str], opts: Options, hooks=None, no_repeat_ngram=0) -> list[str]:
-    """The replies to prompts (text), as text: generate_ids, stopping where each turn ends."""
+# Shown after a reply that --max-new-tokens cut off before its turn ended (never fed back as context).
+CUT = " [cut: --max-new-tokens]"
+
+
+def generate(model, tok, prompts: list[str], opts: Options, hooks=None, no_repeat_ngram=0, mark_cut=False) -> list[str]:
+    """The replies to prompts (text), as text: generate_ids, stopping where each turn ends. mark_cut:
+    a reply that never ended ends in CUT."""
     ids = [tok.encode(p) for p in prompts]
     replies = generate_ids(model, ids, opts, turn_ends(tok), hooks, no_repeat_ngram)
-    return [reply_text(tok, i, r.ids) for i, r in zip(ids, replies)]
+    return [reply_text(tok, i, r.ids) + (CUT if mark_cut and not r.ended else "") for i, r in zip(ids, replies)]
 
 
 def prompt_for(lines: list[str], speaker_tag: str) -> str:
@@ -386,15 +391,15 @@ def main():
             if not text.strip():
                 break
             lines.append(f"{me} {one_line(text)}")
-            reply = generate(model, tok, [prompt_for(fit(lines), speaker)], opts, hooks)[0]
-            lines.append(f"{speaker} {reply}")
-            print(lines[-1], flush=True)
+            reply = generate(model, tok, [prompt_for(fit(lines), speaker)], opts, hooks, mark_cut=True)[0]
+            print(f"{speaker} {reply}", flush=True)
+            lines.append(f"{speaker} {reply.removesuffix(CUT)}")
     else:
         prompts = [prompt_for(fit(lines), speaker)] * opts.n
-        replies = generate(model, tok, prompts, opts, hooks)
+        replies = generate(model, tok, prompts, opts, hooks, mark_cut=True)
         if opts.compare and not opts.base:
             with lora.disabled(model):  # steered too: the columns differ by the adapter alone
-                base_replies = generate(model, tok, prompts, opts, hooks)
+                base_replies = generate(model, tok, prompts, opts, hooks, mark_cut=True)
             width = max(len(r) for r in base_replies)
             print(f"{'base':<{width}} | fine-tuned")
             for b, r in zip(base_replies, replies):

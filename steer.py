@@ -36,7 +36,6 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import cli
 import sample
@@ -329,7 +328,7 @@ def search(opts: Options) -> dict:
     norms = pooled_streams(model, tok, data["prompts"])["norm"].mean(1)  # (L,): the stream's mean norm
     ref = unsteered(model, tok, data, opts)
     rows = []
-    for s in tqdm(settings(model.cfg.n_layers, opts.trials, opts.max_distance, opts.seed), desc="search",
+    for s in cli.progress(settings(model.cfg.n_layers, opts.trials, opts.max_distance, opts.seed), desc="search",
                   unit="setting"):
         alpha_pos, alpha_neg = alphas(s, vectors, norms)
         v_pos, v_neg = (v[s.extract] for v in vectors[s.pooling])

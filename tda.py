@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import cli
 import sample
@@ -146,7 +145,7 @@ def pool(model, rows, layers, batch_size, desc="pooling") -> dict:
     device = model.embed_tokens.weight.device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
     parts = defaultdict(list)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    for start in cli.progress(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         batch = [rows[i] for i in order[start : start + batch_size]]
         tokens, real = pad([ids for ids, _ in batch], device=device)
         target = pad([mask for _, mask in batch], device=device)[0].bool()  # (B, T): the target's tokens

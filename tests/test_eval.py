@@ -367,6 +367,8 @@ def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tin
     assert result["settings"]["messages"] == result["settings"]["held_out_messages"]  # fewer than 200: all
     assert "scoring all [FRIEND] messages" in out.stdout
     assert "wall time" in out.stdout.splitlines()[-1]
+    # stderr is a pipe here: plain lines (the plan, each part's time), no progress bars' carriage returns
+    assert "\r" not in out.stderr and "\n(c): " in out.stderr
 
 
 def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_adapter, tmp_path):
@@ -376,6 +378,14 @@ def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_a
     assert [r["nll"][k]["messages"] for k in "abcd"] == [5] * 4 and r["settings"]["messages"] == 5
     assert r["settings"]["held_out_messages"] > 5 and r["samples"]["real"]["n"] == 3
     assert "scoring the latest 5 of the " in ev.markdown(r)
+
+
+def test_no_retrieval_tokens_means_no_retrieval_rows_or_contrasts(small_chat, tiny_adapter, tmp_path):
+    r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=0, turing_train=0, who_said=0,
+                               max_messages=5, retrieval_tokens=0, long_context=128, context_messages=2,
+                               out=str(tmp_path / "e.json")))
+    assert sorted(r["nll"]) == list("abcd") and sorted(r["contrasts"]) == ["c vs b", "d vs b"]
+    assert "retrieved" not in ev.markdown(r)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -7,6 +7,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,6 +220,20 @@ def test_the_api_judge_reads_log_probs_or_the_letter_caches_and_never_shows_the_
     assert f"to {api.url} (j)" in out.err
     for text in (out.out, out.err, (tmp_path / "c.jsonl").read_text()):
         assert KEY not in text
+
+
+def test_pair_metrics_by_hand():
+    # 4 pairs: the model is right on 0, 1 and 3; "the shorter wins" is right on 3, wrong on 0 and 1, tied on 2
+    r_a, r_b = np.array([2.0, 0.0, 1.0, 0.0]), np.array([0.0, 1.0, 0.0, 3.0])
+    y = np.array([1, 0, 0, 0])
+    len_a, len_b = np.array([9, 1, 4, 20]), np.array([3, 8, 4, 2])
+    m = rlaif.pair_metrics(r_a, r_b, y, len_a, len_b)
+    assert m["accuracy"] == 0.75 and m["shorter_wins"] == (0 + 0 + 0.5 + 1) / 4 and m["length_only"] == 0.625
+    assert m["real_is_shorter"] == 0.25  # the real reply against the other: 9 vs 3, 8 vs 1, 4 vs 4, 2 vs 20
+    assert m["length_matched"]["pairs"] == 1 and m["length_matched"]["accuracy"] == 0.0
+    p = 1 / (1 + np.exp(-(r_a - r_b)))
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log([p[0], 1 - p[1], 1 - p[2], 1 - p[3]])))
+    assert m["brier"] == pytest.approx(np.mean((p - y) ** 2))
 
 
 def test_cli_label_then_train_rm_then_eval_rm_end_to_end(tiny_adapter, tmp_path):

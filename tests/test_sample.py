@@ -124,6 +124,14 @@ def test_cli_prints_one_reply_or_n_replies(tiny_adapter):
     assert [l[:9] for l in five.stdout.splitlines()] == ["[FRIEND] "] * 5
 
 
+def test_cli_marks_a_reply_cut_before_its_turn_ended(tiny_adapter):
+    out = script("sample.py", "--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--n", "4", "--max-new-tokens", "1")
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 4, out.stderr
+    # one token is either the newline that ends the turn (an empty reply) or a cut reply
+    assert all(line == "[FRIEND] " or line.endswith(sample.CUT) for line in lines) and any(sample.CUT in l for l in lines)
+
+
 def test_cli_compare_prints_base_and_fine_tuned_side_by_side(tiny_adapter):
     out = script("sample.py", "--adapter", str(tiny_adapter), "--prompt", "[RIYA] hi", "--compare", "--n", "2",
               "--max-new-tokens", "5", "--temperature", "0").stdout.splitlines()

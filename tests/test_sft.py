@@ -54,6 +54,14 @@ def test_a_run_writes_a_peft_adapter_metrics_and_a_loss_plot_and_beats_the_base(
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_chat_dir)
 
 
+def test_recomputing_the_long_batches_activations_changes_no_bit_of_the_adapter(small_chat, tiny_chat_dir, tmp_path):
+    kept = quick(small_chat, tiny_chat_dir, tmp_path / "kept", max_steps=3, checkpoint_above=0)
+    train(kept)
+    train(quick(small_chat, tiny_chat_dir, tmp_path / "recomputed", max_steps=3, checkpoint_above=1))  # every batch
+    a, b = adapter(tmp_path / "kept"), adapter(tmp_path / "recomputed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a scheduler's warning
 def test_resume_after_a_stop_signal_gives_a_bitwise_equal_adapter(small_chat, tiny_chat_dir, tmp_path, signum):
     # Dropout on, so the restored RNG state matters too.
