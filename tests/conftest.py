@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny random Mistral saved by transformers (the oracle), and the embedded SmolLM2."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,33 @@ def tiny_adapter(tiny_chat_dir, small_chat, tmp_path_factory):
                 "base_fingerprint": fingerprint(model)}
     lora.save_adapter(model, path, base_model=str(tiny_chat_dir), training=training)
     return path
+
+
+class FakeServer:
+    """A local OpenAI-compatible server on 127.0.0.1 for the tests of what talks to one (eval's judge
+    and big model, rlaif's judge): a subclass's respond(path, body) -> (status, JSON payload)."""
+
+    def __init__(self):
+        self.requests = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, payload = api.respond(self.path, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()

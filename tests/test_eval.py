@@ -4,8 +4,6 @@ import math
 import random
 import re
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import lora
 import sample
 from model import BadInput, load_checkpoint, load_tokenizer, token_logprobs
 from prep import encode_example, load_pair, one_line, split_sessions, tag, write_jsonl
-from conftest import script
+from conftest import FakeServer, script
 
 FRIEND = "[FRIEND]"
 KEY = "sk-test-0123456789-never-print-me"
@@ -211,44 +209,23 @@ def test_reply_statistics_by_hand():
 # ---------------------------------------------------------------------------------------------------
 # The judge, against a tiny OpenAI-compatible server on 127.0.0.1.
 
-class FakeAPI:
-    """A local OpenAI-compatible server: every chat completion answers "Answer: {answer}" (or, with
-    malformed=True, a 200 whose body is no chat completion); with fail_after, a quota error after that
-    many requests."""
+class FakeAPI(FakeServer):
+    """Every chat completion answers "Answer: {answer}" (or, with malformed=True, a 200 whose body is no
+    chat completion); with fail_after, a quota error after that many requests."""
 
     def __init__(self, answer="A", fail_after=None, malformed=False):
-        self.requests, self.answer, self.fail_after, self.malformed = [], answer, fail_after, malformed
-        api = self
+        self.answer, self.fail_after, self.malformed = answer, fail_after, malformed
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if api.fail_after is not None and len(api.requests) >= api.fail_after:
-                    self.send_response(400)  # not retried by the client
-                    payload = {"error": {"message": "quota exceeded", "type": "invalid_request_error"}}
-                else:
-                    api.requests.append((self.path, body))
-                    self.send_response(200)
-                    payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": f"Answer: {api.answer}"}}]}
-                    if api.malformed:
-                        payload = {"id": "c1", "choices": "no choices here"}
-                data = json.dumps(payload).encode()
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+    def respond(self, path, body):
+        if self.fail_after is not None and len(self.requests) >= self.fail_after:  # a 400 is not retried
+            return 400, {"error": {"message": "quota exceeded", "type": "invalid_request_error"}}
+        self.requests.append((path, body))
+        if self.malformed:
+            return 200, {"id": "c1", "choices": "no choices here"}
+        return 200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": f"Answer: {self.answer}"}}]}
 
 
 ITEMS = [([f"[RIYA] question {j}"], f"real reply {j}", [f"simulated reply {j}.{n}" for n in range(4)])
@@ -589,45 +566,27 @@ def test_conversation_statistics_by_hand():
     assert last["messages"] == 2 and last["repeated_4grams"] == pytest.approx(1 / 2)  # history still counts
 
 
-class FakeCompletions:
-    """A local OpenAI-compatible completions server: echo with logprobs gives one token per character
-    with log-prob -ln 2 (one bit each); a sampling request returns n fixed replies. no_logprobs=True:
-    a server that returns no prompt log-probs."""
+class FakeCompletions(FakeServer):
+    """A completions server: echo with logprobs gives one token per character with log-prob -ln 2 (one
+    bit each); a sampling request returns n fixed replies. no_logprobs=True: a server that returns no
+    prompt log-probs."""
 
     def __init__(self, no_logprobs=False):
-        self.requests, self.no_logprobs = [], no_logprobs
-        api = self
+        self.no_logprobs = no_logprobs
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                api.requests.append(body)
-                prompt = body["prompt"]
-                if body.get("echo"):
-                    logprobs = None if api.no_logprobs else {
-                        "tokens": list(prompt), "token_logprobs": [None] + [-math.log(2)] * (len(prompt) - 1),
-                        "text_offset": list(range(len(prompt))), "top_logprobs": None}
-                    choices = [{"index": 0, "text": prompt + "x", "finish_reason": "length", "logprobs": logprobs}]
-                else:
-                    choices = [{"index": j, "text": f" big reply {j}", "finish_reason": "stop", "logprobs": None}
-                               for j in range(body.get("n", 1))]
-                data = json.dumps({"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
-                                   "choices": choices}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+    def respond(self, path, body):
+        self.requests.append(body)
+        prompt = body["prompt"]
+        if body.get("echo"):
+            logprobs = None if self.no_logprobs else {
+                "tokens": list(prompt), "token_logprobs": [None] + [-math.log(2)] * (len(prompt) - 1),
+                "text_offset": list(range(len(prompt))), "top_logprobs": None}
+            choices = [{"index": 0, "text": prompt + "x", "finish_reason": "length", "logprobs": logprobs}]
+        else:
+            choices = [{"index": j, "text": f" big reply {j}", "finish_reason": "stop", "logprobs": None}
+                       for j in range(body.get("n", 1))]
+        return 200, {"id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": choices}
 
 
 @pytest.mark.parametrize("no_logprobs", [False, True])

@@ -4,8 +4,6 @@ thought, the API judge against a local fake server, the constitution's checks, a
 import json
 import math
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import lora
 import rlaif
 import sft
 from cli import BadInput
-from conftest import script
+from conftest import FakeServer, script
 from model import load_tokenizer
 
 KEY = "sk-rlaif-test-never-print-me"
@@ -165,42 +163,24 @@ def test_a_revision_that_is_not_one_chat_message_is_rejected(revision, why):
     assert rlaif.rejected(revision) == why
 
 
-class FakeJudge:
-    """A local OpenAI-compatible chat server: answers "Answer: A", with log-probs of the letter (P(A) =
-    0.75) unless no_logprobs."""
+class FakeJudge(FakeServer):
+    """A chat server: answers "Answer: A", with log-probs of the letter (P(A) = 0.75) unless no_logprobs."""
 
     def __init__(self, no_logprobs=False):
-        self.requests, self.no_logprobs = [], no_logprobs
-        api = self
+        self.no_logprobs = no_logprobs
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                api.requests.append(body)
-                logprobs = None if api.no_logprobs else {"content": [
-                    {"token": "Answer", "logprob": -0.01, "bytes": None, "top_logprobs": []},
-                    {"token": ":", "logprob": -0.01, "bytes": None, "top_logprobs": []},
-                    {"token": " A", "logprob": math.log(0.75), "bytes": None, "top_logprobs": [
-                        {"token": " A", "logprob": math.log(0.75), "bytes": None},
-                        {"token": " B", "logprob": math.log(0.25), "bytes": None}]}]}
-                data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
-                                                "message": {"role": "assistant", "content": "Answer: A"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+    def respond(self, path, body):
+        self.requests.append(body)
+        logprobs = None if self.no_logprobs else {"content": [
+            {"token": "Answer", "logprob": -0.01, "bytes": None, "top_logprobs": []},
+            {"token": ":", "logprob": -0.01, "bytes": None, "top_logprobs": []},
+            {"token": " A", "logprob": math.log(0.75), "bytes": None, "top_logprobs": [
+                {"token": " A", "logprob": math.log(0.75), "bytes": None},
+                {"token": " B", "logprob": math.log(0.25), "bytes": None}]}]}
+        return 200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                     "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
+                                  "message": {"role": "assistant", "content": "Answer: A"}}]}
 
 
 @pytest.mark.parametrize("no_logprobs", [False, True])
