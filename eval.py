@@ -819,8 +819,9 @@ def evaluate(opts: Options) -> dict:
     n_scored = sum(tags[m.speaker] == speaker_tag for s, session in enumerate(held_out)
                    for i, m in enumerate(session) if (s, i) >= start)
     budget = opts.long_context or model.cfg.max_seq_len
+    ways = "6 ways (short and long context, retrieval;" if opts.retrieval_tokens else "4 ways (short and long context;"
     print(f"eval: {len(held_out)} held-out sessions of {data.data}; scoring {n_scored} of their {n_targets} "
-          f"{speaker_tag} messages, each 6 ways (short and long context, retrieval; base and fine-tuned)"
+          f"{speaker_tag} messages, each {ways} base and fine-tuned)"
           f"{', and (g) ' + opts.big_model if opts.big_model else ''}; sampling {opts.samples} x "
           f"{opts.turing_samples} held-out and {opts.turing_train} training replies per model", file=sys.stderr)
     if n_scored < 100:

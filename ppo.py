@@ -533,9 +533,7 @@ def train(opts: Options, reward=None, models=None, pools=None) -> dict:
         if step % opts.save_every == 0 or step == opts.steps or stop:
             save()
         if stop:
-            bar.close()
-            tqdm.write(f"stopped at step {step}; continue with --resume")
-            sys.exit(128 + stop[0])
+            sft.quit_stopped(step, stop[0], bar)
     bar.close()
     first = next(r for r in log if "heldout_score" in r)
     final = next(r for r in reversed(log) if "heldout_score" in r)

@@ -741,9 +741,7 @@ def train_rm(opts: Options) -> dict:
         if step % opts.save_every == 0 or step == opts.max_steps or stop:
             save()
         if stop:
-            bar.close()
-            tqdm.write(f"stopped at step {step}; continue with --resume")
-            sys.exit(128 + stop[0])
+            sft.quit_stopped(step, stop[0], bar)
     bar.close()
     # Normalise: the stage-1 model's own replies (the sampled side of the training pairs) get mean 0, std 1.
     rm.eval()

@@ -76,11 +76,15 @@ class Options:
     samples: Annotated[int, "held-out replies generated at each evaluation", Range(0)] = 3
     grad_checkpoint: Annotated[bool, "recompute activations in the backward pass of every micro-batch "
                                      "(saves memory, costs ~30%% of a step)"] = False
-    # What a backward pass keeps is ~2.4 MB per token of the micro-batch for SmolLM2 in fp32 (30 layers):
-    # the default run's longest batch (8 x 343 tokens) took 6.6 GB of its 7 GB peak. Recomputing only
-    # such batches caps the peak and leaves the typical step as fast as before, with the same numbers.
-    checkpoint_above: Annotated[int, "recompute activations for micro-batches of more than this many tokens "
-                                     "(padded); 0 = only with --grad-checkpoint", Range(0)] = 1024
+    # What a backward pass keeps is ~1.2 MB per token of the micro-batch for SmolLM2 in fp32 (30 layers:
+    # each linear layer's input, SwiGLU's three 1536-wide tensors, q, k, v), and glibc's malloc, reusing
+    # freed blocks of other sizes, holds up to twice that: the default run's longest batch (8 x 343
+    # tokens) took 6.8 GB of its 7 GB peak. Cutting batches into pieces of whole sequences, run one
+    # after another, caps both at the piece's size, recomputes nothing and gives the same gradient; at
+    # 512 tokens the default run peaks at ~2.8 GB and its steps take ~4% longer (README, sft.py).
+    split_above: Annotated[int, "run a micro-batch of more than this many tokens (padded) as pieces of whole "
+                                "sequences, each at most this size, one after another, with the same "
+                                "gradient; 0 = never", Range(0)] = 512
     seed: Annotated[int, "seed for the adapter's init, the examples and the batch order"] = 0
 
 
@@ -88,7 +92,7 @@ class Options:
 # (The CPU defaults fit ~10 minutes on 2 cores: under one epoch, so no dropout; it costs 20% of a step.)
 GPU_DEFAULTS = dict(model="mistralai/Mistral-7B-v0.1", lr=2e-4, min_lr=2e-5, max_steps=1000, batch_size=4,
                     grad_accum=4, lora_dropout=0.05, max_len=1024, grad_checkpoint=True, val_examples=256,
-                    eval_every=100, save_every=100)
+                    eval_every=100, save_every=100, split_above=0)  # recomputing, not splitting: a GPU wants big matmuls
 # A resumed run must be the same run: these may not change between the checkpoint and --resume.
 # (--data is checked by the file's hash, so the same file under another spelling of its path is fine.)
 SAME_ON_RESUME = ("model", "batch_size", "grad_accum", "lora_r", "lora_alpha", "rslora", "tag_loss", "examples",
@@ -155,13 +159,26 @@ def collate(examples, device, tag_loss=False):
     return tokens, weights.to(device)
 
 
-def loss_fn(model, tokens, weights, checkpoint=False):
-    """Weighted mean negative log-likelihood of the target tokens: (sum w * nll) / (sum w). Only the
-    target message's tokens (~1 in 10 here) are unembedded (model.scored_logprobs)."""
+def loss_fn(model, tokens, weights, checkpoint=False, total_weight=None):
+    """Weighted mean negative log-likelihood of the target tokens: (sum w * nll) / (sum w), or divided by
+    total_weight, the whole micro-batch's, for a piece of one. Only the target message's tokens (~1 in
+    10 here) are unembedded (model.scored_logprobs)."""
     scored = weights > 0
     nll = -scored_logprobs(model, tokens, scored, checkpoint=checkpoint)  # (N,)
     w = weights[:, 1:]
-    return (nll * w[scored[:, 1:]]).sum() / w.sum()
+    return (nll * w[scored[:, 1:]]).sum() / (w.sum() if total_weight is None else total_weight)
+
+
+def pieces(examples, max_tokens):
+    """Consecutive groups of whole examples, each at most max_tokens once padded to its longest (an
+    example longer than that goes alone); max_tokens 0: one group."""
+    groups = [[]]
+    for e in examples:
+        longest = max([len(x.tokens) for x in groups[-1]] + [len(e.tokens)])
+        if groups[-1] and max_tokens and (len(groups[-1]) + 1) * longest > max_tokens:
+            groups.append([])
+        groups[-1].append(e)
+    return groups
 
 
 @torch.no_grad()
@@ -302,6 +319,13 @@ def stop_requests(say) -> list:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
     return requested
+
+
+def quit_stopped(step, signum, bar, say=tqdm.write):
+    """The end of a run stopped by a signal, its checkpoint written: how to go on, exit status 128 + signal."""
+    bar.close()
+    say(f"stopped at step {step}; continue with --resume")
+    sys.exit(128 + signum)
 
 
 def examples(opts: Options, messages, drops, tok, say):
@@ -463,15 +487,19 @@ def train(opts: Options):
             # Global micro-batch g goes to process g % world: one process with grad_accum 2k sees the
             # same batches per step as 2 processes with grad_accum k.
             micro_batch = [train_set[i] for i in batch((step * opts.grad_accum + micro) * world + rank)]
-            tokens, weights = collate(micro_batch, device, opts.tag_loss)
-            sync = not ddp or micro == opts.grad_accum - 1  # DDP all-reduces gradients on the last only
-            with nullcontext() if sync else net.no_sync(), autocast:
-                recompute = opts.grad_checkpoint or 0 < opts.checkpoint_above < tokens.numel()
-                loss = loss_fn(net, tokens, weights, recompute)
-                # Each micro-batch's loss is a mean over its tokens; dividing by the number of
-                # micro-batches makes the accumulated gradient their mean, not their sum.
-                (loss / opts.grad_accum).backward()
-            loss_sum += loss.item()
+            total_weight = collate(micro_batch, device, opts.tag_loss)[1][:, 1:].sum()
+            parts = pieces(micro_batch, opts.split_above)
+            for p, part in enumerate(parts):
+                tokens, weights = collate(part, device, opts.tag_loss)
+                # DDP all-reduces gradients in the last backward of a step only
+                sync = not ddp or (micro == opts.grad_accum - 1 and p == len(parts) - 1)
+                with nullcontext() if sync else net.no_sync(), autocast:
+                    # Each piece's loss is its share of its micro-batch's mean over target tokens;
+                    # dividing by the number of micro-batches makes the accumulated gradient their
+                    # mean, not their sum.
+                    loss = loss_fn(net, tokens, weights, opts.grad_checkpoint, total_weight)
+                    (loss / opts.grad_accum).backward()
+                loss_sum += loss.item()
             tokens_seen += sum(len(e.tokens) for e in micro_batch)
         stats = torch.tensor([loss_sum / opts.grad_accum, tokens_seen, float(bool(stop))], device=device)
         if ddp:  # DDP averaged the gradients; average the logged loss and agree on stopping too
@@ -506,9 +534,7 @@ def train(opts: Options):
         if step % opts.save_every == 0 or step == opts.max_steps or stopping:
             save()
         if stopping:
-            bar.close()
-            say(f"stopped at step {step}; continue with --resume")
-            sys.exit(128 + (stop[0] if stop else signal.SIGINT))
+            quit_stopped(step, stop[0] if stop else signal.SIGINT, bar, say)
     bar.close()
     elapsed = time.time() - start_time
     final = rows[-1].get("val_loss")

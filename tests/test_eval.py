@@ -348,6 +348,22 @@ def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tin
     assert "\r" not in out.stderr and "\n(c): " in out.stderr
 
 
+def test_results_go_next_to_the_adapter_evaluated_and_name_what_was_run(small_chat, tiny_adapter, tmp_path):
+    import shutil
+
+    mine = tmp_path / "second_adapter"
+    shutil.copytree(tiny_adapter, mine)
+    out = script("eval.py", "--adapter", str(mine), "--data", str(small_chat), "--samples", "2", "--turing-train", "0",
+                 "--who-said", "0", "--retrieval-tokens", "0", "--max-messages", "3", "--long-context", "64")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {"eval.json", "eval_lengths.png"} <= {f.name for f in mine.iterdir()}
+    assert not (tiny_adapter / "eval.json").exists()  # the first adapter's results are not touched
+    settings = json.loads((mine / "eval.json").read_text())["settings"]
+    assert settings["adapter"] == str(mine) and settings["data"] == str(small_chat)
+    assert settings["out"] == str(mine / "eval.json") and settings["api_cache"] == str(mine / "api_cache.jsonl")
+    assert settings["sampling"] == sample.sampling_settings(sample.Options())  # what simulate() samples with
+
+
 def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_adapter, tmp_path):
     r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=3, max_messages=5,
                                turing_train=6, turing_samples=2, who_said=4,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,10 +55,48 @@ def test_a_run_writes_a_peft_adapter_metrics_and_a_loss_plot_and_beats_the_base(
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_chat_dir)
 
 
-def test_recomputing_the_long_batches_activations_changes_no_bit_of_the_adapter(small_chat, tiny_chat_dir, tmp_path):
-    kept = quick(small_chat, tiny_chat_dir, tmp_path / "kept", max_steps=3, checkpoint_above=0)
-    train(kept)
-    train(quick(small_chat, tiny_chat_dir, tmp_path / "recomputed", max_steps=3, checkpoint_above=1))  # every batch
+def test_pieces_are_whole_examples_in_order_each_within_the_budget_once_padded():
+    examples = [SimpleNamespace(tokens=[0] * n) for n in (10, 20, 30, 40, 100)]
+    lengths = lambda groups: [[len(e.tokens) for e in g] for g in groups]  # noqa: E731
+    assert lengths(sft.pieces(examples, 60)) == [[10, 20], [30], [40], [100]]  # 3 x 30 > 60; 100 alone
+    assert lengths(sft.pieces(examples, 0)) == lengths(sft.pieces(examples, 500)) == [[10, 20, 30, 40, 100]]
+
+
+def test_a_batch_run_in_pieces_gets_the_gradient_of_the_whole_batch(small_chat, tiny_chat_dir):
+    import lora
+    from model import load_model
+    from prep import load_pair
+
+    model, tok = load_model(str(tiny_chat_dir))
+    torch.manual_seed(0)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    params = lora.lora_parameters(model)
+    for p in params:  # B starts at zero, which would leave A's gradient zero on both sides
+        torch.nn.init.normal_(p, std=0.05)
+    opts = quick(small_chat, tiny_chat_dir, "unused", tag_loss=True)
+    train_set, _ = sft.examples(opts, *load_pair(opts.data), tok, lambda *a: None)
+    batch = sorted(train_set[:6], key=lambda e: len(e.tokens))
+    cpu = torch.device("cpu")
+
+    def gradients(parts, total=None):
+        for part in parts:
+            tokens, weights = sft.collate(part, cpu, tag_loss=True)
+            sft.loss_fn(model, tokens, weights, total_weight=total).backward()
+        grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    whole = gradients([batch])
+    parts = sft.pieces(batch, 2 * max(len(e.tokens) for e in batch))
+    assert len(parts) >= 2
+    split = gradients(parts, sft.collate(batch, cpu, tag_loss=True)[1][:, 1:].sum())
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(whole, split))
+    assert max(a.abs().max() for a in whole) > 1e-3  # and the gradient is not trivially zero
+
+
+def test_recomputing_activations_changes_no_bit_of_the_adapter(small_chat, tiny_chat_dir, tmp_path):
+    train(quick(small_chat, tiny_chat_dir, tmp_path / "kept", max_steps=3))
+    train(quick(small_chat, tiny_chat_dir, tmp_path / "recomputed", max_steps=3, grad_checkpoint=True))
     a, b = adapter(tmp_path / "kept"), adapter(tmp_path / "recomputed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
