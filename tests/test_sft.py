@@ -55,6 +55,14 @@ def test_a_run_writes_a_peft_adapter_metrics_and_a_loss_plot_and_beats_the_base(
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(tiny_chat_dir)
 
 
+def test_with_output_redirected_each_step_is_one_plain_line(small_chat, tiny_chat_dir, tmp_path):
+    out = script("sft.py", *flags(quick(small_chat, tiny_chat_dir, tmp_path, max_steps=3, eval_every=3)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "\r" not in out.stdout + out.stderr  # no progress bar's carriage returns in a log file
+    steps = [line.split(" | ")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert steps == ["step 1/3", "step 2/3", "step 3/3"]
+
+
 def test_pieces_are_whole_examples_in_order_each_within_the_budget_once_padded():
     examples = [SimpleNamespace(tokens=[0] * n) for n in (10, 20, 30, 40, 100)]
     lengths = lambda groups: [[len(e.tokens) for e in g] for g in groups]  # noqa: E731
