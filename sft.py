@@ -81,7 +81,7 @@ class Options:
     # freed blocks of other sizes, holds up to twice that: the default run's longest batch (8 x 343
     # tokens) took 6.8 GB of its 7 GB peak. Cutting batches into pieces of whole sequences, run one
     # after another, caps both at the piece's size, recomputes nothing and gives the same gradient; at
-    # 512 tokens the default run peaks at ~2.8 GB and its steps take ~4% longer (README, sft.py).
+    # 512 tokens the default run peaks at 2.8 GB, its steps as fast as unsplit (README, sft.py section).
     split_above: Annotated[int, "run a micro-batch of more than this many tokens (padded) as pieces of whole "
                                 "sequences, each at most this size, one after another, with the same "
                                 "gradient; 0 = never", Range(0)] = 512
