@@ -99,6 +99,9 @@ class Options:
     # train-rm
     max_steps: Annotated[int, "train-rm: optimizer steps", Range(1)] = 100
     rm_batch: Annotated[int, "train-rm: pairs per step", Range(1)] = 8
+    split_above: Annotated[int, "train-rm: run a step's pairs a few at a time, each piece at most this many "
+                                "tokens (padded), with the same gradient (memory; sft.py's --split-above); "
+                                "0 = all at once", Range(0)] = 512
     lr: Annotated[float, "train-rm: peak learning rate", POSITIVE] = 5e-4
     min_lr: Annotated[float, "train-rm: learning rate at the end of the cosine decay", Range(0)] = 5e-5
     warmup_steps: Annotated[int, "train-rm: linear warmup steps", Range(0)] = 10
@@ -647,6 +650,22 @@ def pair_batch(rm: RewardModel, rows):
     return r[: len(rows)], r[len(rows) :]
 
 
+def pairs_backward(rm: RewardModel, batch, per_piece):
+    """The Bradley-Terry loss of a batch of pairs and its gradient, per_piece pairs (two sequences each)
+    at a time: each piece's loss is its share of the batch's mean, so the accumulated gradient is the
+    whole batch's, at a piece's memory (sft.py's --split-above). -> (loss, r_a, r_b)."""
+    loss, r_a, r_b = 0.0, [], []
+    for j in range(0, len(batch), per_piece):
+        part = batch[j : j + per_piece]
+        a, b = pair_batch(rm, part)
+        part_loss = bradley_terry(a, b, torch.tensor([row["label"] for row in part], device=a.device))
+        (part_loss * len(part) / len(batch)).backward()
+        loss += part_loss.item() * len(part) / len(batch)
+        r_a.append(a.detach())
+        r_b.append(b.detach())
+    return loss, torch.cat(r_a), torch.cat(r_b)
+
+
 @torch.no_grad()
 def rm_validation(rm, rows, batch) -> dict:
     rm.eval()
@@ -711,23 +730,23 @@ def train_rm(opts: Options) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = sft.lr_at(step, opts)
         epoch, position = divmod(step, per_epoch)  # the batch is a function of the step: resumable
-        batch = [train[i] for i in batches(epoch)[position]]
-        r_a, r_b = pair_batch(rm, batch)
-        y = torch.tensor([row["label"] for row in batch], device=r_a.device)
-        loss = bradley_terry(r_a, r_b, y)
-        if not torch.isfinite(loss):
-            raise sft.TrainingDiverged(f"the reward model's loss became {loss.item()} at step {step + 1}; "
+        indices = batches(epoch)[position]
+        batch = [train[i] for i in indices]
+        per_piece = max(1, opts.split_above // (2 * max(lengths[i] for i in indices))) if opts.split_above else len(batch)
+        loss, r_a, r_b = pairs_backward(rm, batch, per_piece)
+        if not math.isfinite(loss):  # before the optimizer spreads it into the reward model
+            raise sft.TrainingDiverged(f"the reward model's loss became {loss} at step {step + 1}; "
                                        f"the last good checkpoint is in {ckpt}")
-        loss.backward()
+        y = torch.tensor([row["label"] for row in batch], device=r_a.device)
         norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         ms = (time.time() - t0) * 1000
         accuracy = float(((r_a > r_b) == (y > 0.5)).float().mean())
-        row = {"step": step, "loss": loss.item(), "accuracy": accuracy, "grad_norm": norm, "lr": sft.lr_at(step - 1, opts),
+        row = {"step": step, "loss": loss, "accuracy": accuracy, "grad_norm": norm, "lr": sft.lr_at(step - 1, opts),
                "ms": round(ms)}
-        line = (f"step {step}/{opts.max_steps} | loss {loss.item():.4f} | acc {accuracy:.2f} | norm {norm:.2f} | "
+        line = (f"step {step}/{opts.max_steps} | loss {loss:.4f} | acc {accuracy:.2f} | norm {norm:.2f} | "
                 f"lr {row['lr']:.1e} | {ms:.0f} ms")
         if step % opts.eval_every == 0 or step == opts.max_steps:
             v = rm_validation(rm, val, opts.rm_batch)

@@ -91,6 +91,30 @@ def test_the_reward_model_learns_a_planted_preference(tiny_chat_dir, tiny_adapte
         assert (tmp_path / "rm" / name).exists(), name
 
 
+def test_pairs_run_in_pieces_get_the_gradient_of_the_whole_batch(tiny_chat_dir, tiny_adapter):
+    import sft
+
+    tok = load_tokenizer(tiny_chat_dir)
+    rm = rlaif.reward_model(sft.load_tuned(str(tiny_adapter)), rlaif.Options(lora_r=4, lora_alpha=8))
+    params = rlaif.rm_parameters(rm)
+    with torch.no_grad():
+        for name, p in params.items():  # LoRA's B starts at zero, which would leave A's gradient zero
+            p.normal_(0, 0.05)
+    batch = planted_pairs(tok, 6, 0)
+
+    def gradients(per_piece):
+        loss, r_a, r_b = rlaif.pairs_backward(rm, batch, per_piece)
+        grads = {name: p.grad.clone() for name, p in params.items()}
+        rm.model.zero_grad(set_to_none=True)
+        rm.head.zero_grad(set_to_none=True)
+        return loss, torch.cat([r_a, r_b]), grads
+
+    whole, split = gradients(6), gradients(4)  # pieces of 4 and 2 pairs
+    assert math.isclose(whole[0], split[0], rel_tol=1e-6) and torch.allclose(whole[1], split[1], atol=1e-5)
+    assert all(torch.allclose(whole[2][k], split[2][k], rtol=1e-4, atol=1e-7) for k in params)
+    assert max(g.abs().max() for g in whole[2].values()) > 1e-3  # and the gradient is not trivially zero
+
+
 def test_a_reward_model_on_a_changed_stage_1_is_refused(tiny_chat_dir, tiny_adapter, tmp_path):
     import shutil
 
