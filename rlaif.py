@@ -737,13 +737,12 @@ def train_rm(opts: Options) -> dict:
         if not math.isfinite(loss):  # before the optimizer spreads it into the reward model
             raise sft.TrainingDiverged(f"the reward model's loss became {loss} at step {step + 1}; "
                                        f"the last good checkpoint is in {ckpt}")
-        y = torch.tensor([row["label"] for row in batch], device=r_a.device)
         norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         ms = (time.time() - t0) * 1000
-        accuracy = float(((r_a > r_b) == (y > 0.5)).float().mean())
+        accuracy = float(((r_a > r_b) == torch.tensor([row["label"] > 0.5 for row in batch], device=r_a.device)).float().mean())
         row = {"step": step, "loss": loss, "accuracy": accuracy, "grad_norm": norm, "lr": sft.lr_at(step - 1, opts),
                "ms": round(ms)}
         line = (f"step {step}/{opts.max_steps} | loss {loss:.4f} | acc {accuracy:.2f} | norm {norm:.2f} | "
