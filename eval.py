@@ -535,12 +535,16 @@ def pick_the_real(real_scores, simulated_scores, n_boot=2000, seed=0) -> dict:
     above = (real_scores[:, None, None] > simulated_scores[None]) + 0.5 * (real_scores[:, None, None] == simulated_scores[None])
     wins = above.mean(axis=(1, 2))  # (P,): each real reply's share of simulated replies it outscores
 
-    def interval(values):
-        draws = rng.integers(0, P, (n_boot, P))
-        return [float(v) for v in np.percentile(values[draws].mean(1), [2.5, 97.5])]
-
+    interval = lambda values: mean_interval(values, n_boot, rng)
     return {"prompts": P, "candidates": k + 1, "pick_real": float(caught.mean()), "pick_real_interval": interval(caught),
             "auc": float(wins.mean()), "auc_interval": interval(wins)}
+
+
+def mean_interval(values, n_boot: int, rng: np.random.Generator) -> list[float]:
+    """A 95% percentile bootstrap interval of the mean of values (n,): n_boot resamples of them."""
+    values = np.asarray(values, dtype=float)
+    draws = rng.integers(0, len(values), (n_boot, len(values)))
+    return [float(v) for v in np.percentile(values[draws].mean(1), [2.5, 97.5])]
 
 
 # ---------------------------------------------------------------------------------------------------

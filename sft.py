@@ -348,10 +348,9 @@ def examples(opts: Options, messages, drops, tok, say):
 
 
 def rows_as_examples(path, tok, max_len) -> list[Example]:
-    """JSONL rows {"context": [chat lines], "speaker": tag, "reply": text} -> training examples, built as
-    prep.encode_example builds one from the chat history. Rows marked "revised": false (a revision
-    round that changed nothing) are left out."""
-    examples = []
+    """JSONL rows {"context": [chat lines], "speaker": tag, "reply": text} -> training examples
+    (examples_from_rows); a malformed row is one sentence naming its line."""
+    rows = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if Path(path).exists() else ():
         try:
             row = json.loads(line)
@@ -363,16 +362,28 @@ def rows_as_examples(path, tok, max_len) -> list[Example]:
         if not ok:
             raise BadInput(f"--examples {path}:{n}: expected {{\"context\": [\"[TAG] text\", ...], \"speaker\": \"[TAG]\", "
                            "\"reply\": text}")
+        rows.append(row)
+    examples = examples_from_rows(rows, tok, max_len)
+    if not examples:
+        raise BadInput(f"--examples {path}: no rows to train on" + ("" if Path(path).exists() else " (no such file)"))
+    return examples
+
+
+def examples_from_rows(rows: list[dict], tok, max_len) -> list[Example]:
+    """Rows {"context", "speaker", "reply"} -> training examples, built as prep.encode_example builds one
+    from the chat history. Rows marked "revised": false (a revision round that changed nothing) are
+    left out."""
+    examples = []
+    for row in rows:
         if row.get("revised") is False:
             continue
         # The lines already carry their tags: speakers are the tags themselves.
-        lines = [Message(None, TAG_LINE.match(c).group(), c[TAG_LINE.match(c).end() :].strip()) for c in context]
-        target = Message(None, speaker, reply)
+        lines = [Message(None, TAG_LINE.match(c).group(), c[TAG_LINE.match(c).end() :].strip()) for c in row["context"]]
+        speaker = row["speaker"]
+        target = Message(None, speaker, row["reply"])
         tags = {m.speaker: m.speaker for m in lines + [target]}
         tokens, mask, text, cut = encode_example(tok, lines, target, tags, max_len)
         examples.append(Example(tokens, mask, 1.0, text, cut, -1, -1, shared_prefix(tokens, tok.encode(text[: cut - len(speaker)]))))
-    if not examples:
-        raise BadInput(f"--examples {path}: no rows to train on" + ("" if Path(path).exists() else " (no such file)"))
     return examples
 
 
@@ -462,11 +473,14 @@ def train(opts: Options):
     if main:
         cli.write_atomically(metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
-    training = {**asdict(opts), "base_fingerprint": fingerprint(model), "data_sha256": cli.file_sha256(opts.data)}
+    # world: with steps_done (below) and the options, which examples the run trained on is a function of
+    # this file (tda.py rebuilds it from batch_at).
+    training = {**asdict(opts), "base_fingerprint": fingerprint(model), "data_sha256": cli.file_sha256(opts.data),
+                "world": world}
 
     def save():
         if main:
-            lora.save_adapter(model, out / "adapter", base_model=opts.model, training=training)
+            lora.save_adapter(model, out / "adapter", base_model=opts.model, training={**training, "steps_done": step})
             # Every process is seeded alike and draws alike, so the first one's RNG serves them all.
             save_checkpoint(ckpt_path, lora.peft_keys(model), optimizer, {
                 "step": step, "options": asdict(opts), "data_sha256": training["data_sha256"], "base_val_loss": base_val,

@@ -209,6 +209,10 @@ CLI_CASES = [
     ("--k 0", "tda", lambda t: ["query", "--k", "0"], "--k 0: must be >= 1"),
     ("no tda command", "tda", lambda t: ["--k", "3"], "the first argument names the command"),
     ("--queries 0", "tda", lambda t: ["eval", "--queries", "0"], "--queries 0: must be >= 1"),
+    ("--planted and --tail-patch", "tda", lambda t: ["eval", "--planted", "--tail-patch"], "two evaluations"),
+    ("--tail-patch no index", "tda", lambda t: ["eval", "--tail-patch", "--index", str(t / "x")], "--index"),
+    ("--mode unknown", "tda", lambda t: ["query", "--mode", "words"], "--mode words: act, lens, grad"),
+    ("--damping 0", "tda", lambda t: ["query", "--damping", "0"], "--damping 0.0: must be > 0"),
     ("--max-kl 0", "steer", lambda t: ["search", "--max-kl", "0"], "--max-kl 0.0: must be > 0"),
     ("bench --repeats 0", "bench", lambda t: ["--repeats", "0"], "--repeats 0: must be >= 1"),
 ]

@@ -223,7 +223,7 @@ def test_the_adapter_records_the_options_it_was_trained_with(small_chat, tiny_ch
 
     training = json.loads((tmp_path / "adapter" / "training.json").read_text())
     assert training == {**json.loads(json.dumps(vars(opts))), "data_sha256": cli.file_sha256(small_chat),
-                        "base_fingerprint": fingerprint(load_checkpoint(tiny_chat_dir))}
+                        "base_fingerprint": fingerprint(load_checkpoint(tiny_chat_dir)), "world": 1, "steps_done": 1}
     tuned = sft.load_tuned(str(tmp_path / "adapter"))
     assert tuned.training == training and tuned.base_model == str(tiny_chat_dir)
     s = sft.data_settings(tuned.training, type("Flags", (), {"max_len": None, "val_frac": 0.5})())

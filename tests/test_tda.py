@@ -1,5 +1,6 @@
 """tda.py: padding never enters a pooled vector, the index round trip, retrieval of an example by itself,
 the logit lens against the model's own logits, BM25 by hand, the evaluation end to end, and the CLI."""
+import math
 import random
 from collections import Counter
 from dataclasses import replace
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lora
 import tda
 from model import BadInput, capture, load_checkpoint, load_tokenizer
 from prep import build_examples, load_pair, one_line, tag
@@ -180,3 +182,214 @@ def test_cli_lens_prints_every_layer_and_draws_the_heatmap(tiny_chat_dir, tmp_pa
     assert out.returncode == 0, out.stderr
     assert [line.split()[0] for line in out.stdout.splitlines()[1:5]] == ["resid.0", "resid.1", "resid.2", "resid.3"]
     assert (tmp_path / "lens.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the adapter trained on, gradient attribution, and the planted-facts and tail-patch evaluations.
+
+@pytest.fixture(scope="module")
+def trained_run(small_chat, tiny_chat_dir, tmp_path_factory):
+    """A real (short) sft.py run on the tiny model, recording which examples each micro-batch held."""
+    import sft
+
+    out = tmp_path_factory.mktemp("run")
+    seen = []
+    collate = sft.collate
+    with pytest.MonkeyPatch.context() as mp:
+        # The loop calls collate(batch, device, tag_loss); validation calls it without tag_loss.
+        record = lambda examples, *a: (len(a) == 2 and seen.append([e.text for e in examples])) or collate(examples, *a)
+        mp.setattr(sft, "collate", record)
+        sft.train(sft.Options(data=str(small_chat), model=str(tiny_chat_dir), out=str(out), max_steps=5, batch_size=4,
+                              grad_accum=2, eval_every=5, save_every=5, val_examples=4, samples=0, max_len=128,
+                              lora_r=4, lora_alpha=8, split_above=0))
+    return out, seen
+
+
+def test_what_the_adapter_trained_on_is_rebuilt_exactly_from_the_batch_order(trained_run, tiny_chat_dir):
+    import sft
+
+    out, seen = trained_run
+    training = lora.read_training(out / "adapter")
+    assert training["steps_done"] == 5 and training["world"] == 1
+    tok = load_tokenizer(tiny_chat_dir)
+    counts, why = tda.trained_on(training, tok, sft.data_settings(training, tda.Options()))
+    assert why == ""
+    # Each step collates its micro-batch once for the target weight and once per piece (one piece here).
+    used = Counter(text for batch in seen[::2] for text in batch)
+    train, _ = tda.run_examples(training, tok)
+    rebuilt = Counter({e.text: counts[e.session, e.index] for e in train if counts[e.session, e.index]})
+    assert sum(used.values()) == 5 * 2 * 4 and rebuilt == used
+
+
+def tiny_lora(tiny_chat_dir, r=4):
+    model = load_checkpoint(tiny_chat_dir)
+    torch.manual_seed(3)
+    lora.add_lora(model, r=r, alpha=2 * r)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def some_rows(small_chat, tiny_chat_dir, n=5):
+    train, _ = build_examples(load_pair(small_chat)[0], load_tokenizer(tiny_chat_dir), context_messages=2)
+    by_length = sorted(train, key=lambda e: len(e.tokens))
+    return [(e.tokens, e.loss_mask) for e in by_length[:: len(by_length) // n][:n]]  # different lengths: padding
+
+
+def test_per_example_lora_gradients_from_hooks_equal_autograd_one_example_at_a_time(small_chat, tiny_chat_dir):
+    from model import pad, scored_logprobs
+
+    model = tiny_lora(tiny_chat_dir)
+    rows = some_rows(small_chat, tiny_chat_dir)
+    grads = tda.lora_gradients(model, rows, tda.projections(model, None), batch_size=5)  # (N, G): one batch
+    flat = lambda: torch.cat([p.grad.flatten() for m in lora.lora_modules(model).values()
+                              for p in (m.lora_A.weight, m.lora_B.weight)])
+    tokens, _ = pad([t for t, _ in rows])
+    masks = pad([m for _, m in rows])[0].bool()
+    for n, (ids, mask) in enumerate(rows):
+        # The same padded batch, the loss of row n alone: the same forward, its sums over positions in
+        # another order, so agreement to 1e-5 of the largest entry.
+        model.zero_grad()
+        alone = torch.zeros_like(masks)
+        alone[n] = masks[n]
+        (-scored_logprobs(model, tokens, alone).sum()).backward()
+        expected = flat()
+        torch.testing.assert_close(grads[n], expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+        # And the example in a batch of its own: other matmul shapes round differently (~3e-5 of the
+        # largest entry for this random adapter), nothing more.
+        model.zero_grad()
+        (-scored_logprobs(model, torch.tensor([ids]), torch.tensor([mask])).sum()).backward()
+        expected = flat()
+        torch.testing.assert_close(grads[n], expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    assert grads.abs().sum(1).min() > 0
+
+
+def test_projected_gradients_are_the_projections_of_the_full_ones(small_chat, tiny_chat_dir):
+    model = tiny_lora(tiny_chat_dir)
+    rows = some_rows(small_chat, tiny_chat_dir, 3)
+    full = tda.lora_gradients(model, rows, tda.projections(model, None), batch_size=2)
+    P = tda.projections(model, 3, seed=1)
+    projected = tda.lora_gradients(model, rows, P, batch_size=3)
+    parts, at = [], 0
+    for name, m in lora.lora_modules(model).items():
+        (r, d_in), (d_out, _) = m.lora_A.weight.shape, m.lora_B.weight.shape
+        grad_A = full[:, at : at + r * d_in].view(-1, r, d_in)
+        grad_B = full[:, at + r * d_in : at + r * d_in + d_out * r].view(-1, d_out, r)
+        at += r * d_in + d_out * r
+        p_in, p_out = P[name]
+        parts += [(grad_A @ p_in.T).flatten(1), (p_out @ grad_B).flatten(1)]  # (N, r, k), (N, k, r)
+    torch.testing.assert_close(projected, torch.cat(parts, 1), atol=1e-5, rtol=1e-4)
+    assert projected.shape[1] == len(P) * 2 * 3 * 4
+
+
+def test_the_preconditioned_score_is_the_damped_inverse_second_moment_by_hand():
+    g = torch.randn(40, 3 * 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1, 10, 100.0]).repeat_interleave(4)
+    q = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    damping = 0.3
+    W = tda.whitener(g, block=4, damping=damping)
+    scores = tda.grad_scores(g, q, W)  # (2, 40)
+    inverse = torch.zeros(12, 12, dtype=torch.double)
+    for m in range(3):  # one block per module, built directly
+        b = g[:, 4 * m : 4 * m + 4].double()
+        C = b.T @ b / len(g)
+        inverse[4 * m : 4 * m + 4, 4 * m : 4 * m + 4] = torch.linalg.inv(C + damping * C.diagonal().mean() * torch.eye(4))
+    gd, qd = g.double(), q.double()
+    dots = qd @ inverse @ gd.T
+    expected = dots / torch.sqrt(torch.einsum("qi,ij,qj->q", qd, inverse, qd))[:, None] \
+        / torch.sqrt(torch.einsum("ni,ij,nj->n", gd, inverse, gd))[None, :]
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tda.grad_scores(g, q, None), F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T)
+
+
+def test_ties_are_broken_at_random_and_the_first_source_is_ranked():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    source = torch.tensor([[False, False, True, True], [True, False, False, False]])
+    ranks = [tda.first_source_rank(scores, source, torch.Generator().manual_seed(s)) for s in range(400)]
+    assert all(r[0].item() == 2 for r in ranks)  # 3.0 (not a source) first, then 2.0, a source
+    tied = Counter(r[1].item() for r in ranks)  # all four tied: the source lands anywhere, evenly
+    assert set(tied) == {1, 2, 3, 4} and min(tied.values()) > 60
+
+
+def test_the_planted_decoys_carry_no_loss_on_the_fact_and_hold_a_sources_words(tiny_chat_dir):
+    import sft
+    from prep import words
+
+    tok = load_tokenizer(tiny_chat_dir)
+    real = [{"context": ["[RIYA] hi"], "speaker": "[FRIEND]", "reply": "hey you"}]
+    rows, queries = tda.planted_rows(real, ["[RIYA]", "[FRIEND]"], decoys=4)
+    assert Counter(r["kind"] for r in rows) == {"real": 1, "source": 32, "decoy": 64} and len(queries) == 32
+    examples = sft.examples_from_rows(rows, tok, 128)
+    for row, e in zip(rows, examples):
+        name, answer = tda.NAMES[row["fact"]], tda.ANSWERS[row["fact"]]
+        target = tok.decode([t for t, m in zip(e.tokens, e.loss_mask) if m])
+        if row["kind"] == "decoy":
+            assert name not in target and answer not in target and name in e.text and answer in e.text
+            source = next(x for x, r in zip(examples, rows) if r["kind"] == "source" and r["fact"] == row["fact"]
+                          and r["context"][1].endswith(row["context"][0].split("] ", 1)[1]))
+            assert Counter(words(source.text)) == Counter(words(e.text))  # BM25 can't tell them apart
+        elif row["kind"] == "source":
+            assert answer in target
+    for q in queries:  # a question the pool never holds
+        assert all(q["context"][0] not in r["context"] for r in rows)
+
+
+def test_planted_runs_end_to_end_and_reports_every_method(small_chat, tiny_chat_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tda, "LEARNED_NATS", -math.inf)  # the tiny random model learns no fact: count them all
+    opts = tda.Options(data=str(small_chat), model=str(tiny_chat_dir), planted=True, pool_size=40, decoys=2,
+                       planted_epochs=1, layers="1,3", out=str(tmp_path), bootstrap=200, verify=True)
+    r = tda.evaluate_planted(opts)
+    assert len(r["learned"]) == 16 and r["queries"] == 32 and set(r["verify"]) == {"no-sources", "no-decoys"}
+    table = r["table"]
+    assert {"BM25", "random", "grad cos", "grad precond", "act mean resid.1", "lens last resid.3"} <= set(table)
+    for row in table.values():
+        assert 0 <= row["recall@1"]["mean"] <= 1 and row["mrr"]["interval"][0] <= row["mrr"]["mean"] <= row["mrr"]["interval"][1]
+    # BM25 can't tell a source from its decoy twin: they tie, and a random order splits them about evenly.
+    assert 0.3 < table["BM25"]["source_over_decoy"]["mean"] < 0.7
+    assert "| grad precond |" in tda.markdown_planted(r)
+    again = tda.evaluate_planted(opts)  # a finished fine-tune is reused, not retrained
+    assert again["gain_nats"] == r["gain_nats"]
+
+
+def test_a_tail_patch_restores_the_adapter_and_optimizer_exactly(small_chat, tiny_chat_dir):
+    import sft
+
+    model = tiny_lora(tiny_chat_dir)
+    params = lora.lora_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    train, _ = build_examples(load_pair(small_chat)[0], load_tokenizer(tiny_chat_dir), context_messages=2)
+    tokens, weights = sft.collate(train[:4], "cpu")
+    sft.loss_fn(model, tokens, weights).backward()
+    optimizer.step()  # a state to restore
+    optimizer.zero_grad()
+    saved = tda.snapshot(params, optimizer)
+    reply = (train[5].tokens, train[5].loss_mask)
+    before = tda.row_logprob(model, reply)
+    gain = tda.patch_gain(model, optimizer, params, train[6], reply, before, 1.0, saved)
+    assert gain != 0
+    for p, w, state in zip(params, *saved):
+        assert torch.equal(p, w)
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state.items())
+    assert tda.row_logprob(model, reply) == before
+
+
+def test_the_index_marks_trained_examples_and_grad_queries_return_only_those(trained_run, tmp_path):
+    out, _ = trained_run
+    opts = tda.Options(adapter=str(out / "adapter"), layers="1,3", batch_size=8, index=str(tmp_path / "i.safetensors"))
+    tda.build_index(opts)
+    index, settings, pointers = tda.load_index(opts.index)
+    trained = [i for i, p in enumerate(pointers) if p["trained"]]
+    assert 0 < len(trained) <= 40 < len(pointers) and index["grad.rows"].tolist() == trained
+    assert index["grad.unit"].dtype == torch.float16 and settings["grad_block"] == 2 * 4 * 4
+    prompt = "[RIYA] you coming?\\n[FRIEND]"
+    for mode in ("grad", "act"):
+        _, hits, _ = tda.query(replace(opts, prompt=prompt, reply="yes", mode=mode, k=50))
+        for rows in hits.values():
+            assert {i for i, _ in rows} <= set(trained) and len(rows) == len(trained)
+    _, hits, _ = tda.query(replace(opts, prompt=prompt, reply="yes", all_examples=True, k=50))
+    assert any(i not in trained for rows in hits.values() for i, _ in rows)
+    r = tda.evaluate_tail_patch(replace(opts, tail_patch=True, replies=3, top=2, bootstrap=200))
+    assert r["settings"]["replies"] == 3 and {"BM25", "random", "the reply itself", "grad precond"} <= set(r["table"])
+    assert r["table"]["random"]["score"]["mean"] == pytest.approx(0, abs=1e-9)
+    assert r["table"]["the reply itself"]["score"]["mean"] == pytest.approx(1)
+    assert "| grad cos |" in tda.markdown_tail_patch(r)
