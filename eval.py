@@ -547,6 +547,12 @@ def mean_interval(values, n_boot: int, rng: np.random.Generator) -> list[float]:
     return [float(v) for v in np.percentile(values[draws].mean(1), [2.5, 97.5])]
 
 
+def mean_with_interval(values, n_boot: int, seed: int) -> dict:
+    """{"mean", "interval"} of values (n,): the mean and its seeded 95% bootstrap interval."""
+    values = np.asarray(values, dtype=float)
+    return {"mean": float(values.mean()), "interval": mean_interval(values, n_boot, np.random.default_rng(seed))}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Any OpenAI-compatible API (the judge; later, a bigger model in context), with every answer cached.
 

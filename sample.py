@@ -272,6 +272,14 @@ def read_steering(path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return v_pos, v_neg, meta
 
 
+def steering_path(name: str, flag="--steer") -> Path:
+    """A vector's name (out/steer/NAME.safetensors) or path -> its file, which must exist."""
+    path = Path(name) if name.endswith(".safetensors") or "/" in name else Path(f"out/steer/{name}.safetensors")
+    if not path.exists():
+        raise BadInput(f"{flag} {name}: no steering vector at {path}; make one with python steer.py search")
+    return path
+
+
 def steering_hooks(spec: str, model, made_on: dict) -> dict:
     """--steer "happy:2,sad:-1" -> hooks {site: fn}. Each vector adds ALPHA * (alpha_pos * v_pos -
     alpha_neg * v_neg) at its layer; vectors that share a site are summed into one hook, because a hooks
@@ -287,9 +295,7 @@ def steering_hooks(spec: str, model, made_on: dict) -> dict:
             alpha = math.nan
         if not name or not math.isfinite(alpha):
             raise BadInput(f"--steer {item.strip()!r}: expected NAME:ALPHA, e.g. happy:2 (several: happy:2,calm:1)")
-        path = Path(name) if name.endswith(".safetensors") or "/" in name else Path(f"out/steer/{name}.safetensors")
-        if not path.exists():
-            raise BadInput(f"--steer {name}: no steering vector at {path}; make one with python steer.py search")
+        path = steering_path(name)
         v_pos, v_neg, meta = read_steering(path)
         if v_pos.shape != (model.cfg.dim,) or v_neg.shape != (model.cfg.dim,):
             raise BadInput(f"--steer {name}: {path} holds vectors of shape {tuple(v_pos.shape)}, but this "

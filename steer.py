@@ -1,8 +1,10 @@
 """Paired activation steering: find a direction in the residual stream that makes the simulated person
-happier (or sadder), check that steering along it keeps them coherent, and save it for sample.py.
+happier (or sadder), check that steering along it keeps them coherent, save it for sample.py, and judge
+it by whole replies against controls.
 
     python steer.py search                      # out/adapter; data/steer/happy.json -> out/steer/happy.safetensors
     python steer.py search --base --trials 40   # the model alone, more random settings
+    python steer.py eval --name happy           # held-out prompts, vector vs random vs prompting -> out/steer/eval_happy.*
     python steer.py probe --base --layer 12     # a probe's direction -> out/steer/happy_probe.safetensors
     python sample.py --speaker FRIEND --prompt "[RIYA] how was your day?" --steer happy:2
 
@@ -12,13 +14,19 @@ or the mean over its tokens); v_pos(L), v_neg(L) are the means over the positive
 statements. Steering at layer S adds alpha_pos * v_pos - alpha_neg * v_neg to resid.S at every position
 of the prompt and of every decoded token (ActAdd, https://arxiv.org/abs/2308.10248; contrastive
 activation addition, https://arxiv.org/abs/2312.06681). A small grid and --trials random settings of
-(L, S, pooling, alpha_pos, alpha_neg) are scored by the concept score, log p(the reply opens with a
-positive concept word) - log p(... a negative one) after the speaker's tag of each evaluation prompt,
-under two coherence bounds against the same model unsteered: the KL divergence of next-token
-distributions on neutral chat lines (--max-kl), and the perplexity it gives to steered replies over
-the one it gives to its own (--max-ppl-ratio). The best setting within both is saved to
-out/steer/NAME.safetensors (tensors v_pos, v_neg; metadata: model, adapter, layers, pooling, alphas,
-scores) and a few of its replies are printed next to unsteered ones.
+(L, S, pooling, alpha_pos, alpha_neg) are tried on the selection half of the file's prompts (the test
+half is eval's) under two coherence bounds against the same model unsteered: the KL divergence of
+next-token distributions on neutral chat lines (--max-kl), and the perplexity it gives to steered
+replies over the one it gives to its own (--max-ppl-ratio). Within both, the setting whose sampled
+replies VADER finds happiest is saved to out/steer/NAME.safetensors (tensors v_pos, v_neg; metadata:
+model, adapter, layers, pooling, alphas, scores on both halves) and a few of its replies are printed
+next to unsteered ones. (The first-token concept score, log p(a positive concept word opens the
+reply) - log p(a negative one), is still reported.)
+
+eval: whole sampled replies to the test prompts and real held-out contexts, at several alphas, for the
+saved vector, a random direction of the same norm at the same layer, and the replier's own upbeat (or
+downbeat) lines placed before the prompt; judged by VADER and by the unsteered model, each checked
+against rated messages; with the cost to the person (held-out NLL), perplexity, distinct-2, empties.
 
 probe: a logistic-regression probe on rated messages (rating 1-5 -> soft label (rating - 1) / 4) reads
 resid.L; its weight vector is the direction, saved in the same format to steer at resid.L.
@@ -26,6 +34,7 @@ resid.L; its weight vector is the direction, saved in the same format to steer a
 Shapes: N texts, L sites (resid.0 .. resid.n_layers), B batch, T time, D model dim, V vocab, P positions.
 """
 import json
+import math
 import random
 import sys
 import time
@@ -33,18 +42,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 import cli
+import eval as ev
 import sample
 import sft
 from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
-from model import capture, pad, scored_logprobs
-from prep import TAG_LINE
+from model import add, capture, pad, scored_logprobs
+from prep import TAG_LINE, build_examples, load_pair
 
-COMMANDS = ("search", "probe")
+COMMANDS = ("search", "probe", "eval")
 
 
 @dataclass
@@ -71,7 +83,12 @@ class Options:
     strength: Annotated[float, "probe: how hard its saved setting pushes, as a fraction of the stream's "
                                "norm at --layer", POSITIVE] = 0.2
     name: Annotated[str, "the vector's name, out/steer/NAME.safetensors (default: the concept; probe: "
-                         "CONCEPT_probe)"] = ""
+                         "CONCEPT_probe; eval: the vector to judge, a name or a path)"] = ""
+    alphas: Annotated[str, "eval: multiples of the saved setting to try, comma-separated"] = "-2,-1,-0.5,0,0.5,1,2"
+    replies: Annotated[int, "eval: sampled replies per prompt and condition (the same seeds in each)", Range(1)] = 8
+    contexts: Annotated[int, "eval: real contexts from held-out sessions added to the test prompts", Range(0)] = 16
+    held_out: Annotated[int, "eval: real held-out messages of the replier whose NLL measures the cost", Range(1)] = 64
+    bootstrap: Annotated[int, "eval: bootstrap resamples for each interval", Range(100)] = 2000
     seed: Annotated[int, "seed for the random settings, the sampled replies and the probe's split"] = 0
 
 
@@ -225,28 +242,40 @@ def sampling(opts: Options):
     return sample.Options(max_new_tokens=opts.sample_tokens, seed=opts.seed)
 
 
+SEARCH_REPLIES = 2  # sampled replies per prompt for a setting's whole-reply score and perplexity
+
+
+def replies_to(model, tok, prompts, opts: Options, hooks=None, n=SEARCH_REPLIES) -> tuple[list[str], list[str]]:
+    """(each prompt n times, a sampled reply to each), the same seed for every setting."""
+    repeated = [p for p in prompts for _ in range(n)]
+    return repeated, sample.generate(model, tok, repeated, sampling(opts), hooks=hooks)
+
+
 def unsteered(model, tok, data, opts: Options) -> dict:
     """What every setting is measured against: the concept words, the unsteered model's concept score,
-    next-token distributions on the neutral lines, and perplexity of its own sampled replies."""
-    replies = sample.generate(model, tok, data["prompts"], sampling(opts))
+    next-token distributions on the neutral lines, and the perplexity and VADER score of its own
+    sampled replies."""
+    asked, replies = replies_to(model, tok, data["prompts"], opts)
     words = concept_words(tok, data)
     return {"words": words, "concept": concept_score(model, tok, data["prompts"], words),
             "neutral": next_token_logprobs(model, tok, data["neutral"]),
-            "ppl": perplexity(model, tok, data["prompts"], replies)}
+            "ppl": perplexity(model, tok, asked, replies), "reply_score": vader(replies).mean().item()}
 
 
 def score(model, tok, data, ref: dict, hooks, opts: Options) -> dict:
-    """One steering setting (as hooks): its concept score, KL and perplexity ratio, and whether both
-    are within bounds. Replies are sampled only when the KL is: otherwise the setting is out already
-    and sampling is most of the time a setting takes."""
+    """One steering setting (as hooks): its first-token concept score, KL, and, when the KL is within
+    its bound, the whole-reply score (VADER over sampled replies) and perplexity ratio; whether both
+    bounds hold. Replies are sampled only when the KL is within bounds: otherwise the setting is out
+    already and sampling is most of the time a setting takes."""
     concept = concept_score(model, tok, data["prompts"], ref["words"], hooks)
     kl = kl_divergence(ref["neutral"], next_token_logprobs(model, tok, data["neutral"], hooks))
-    ratio = None
+    ratio = reply_score = None
     if kl <= opts.max_kl:
-        replies = sample.generate(model, tok, data["prompts"], sampling(opts), hooks=hooks)
-        ratio = perplexity(model, tok, data["prompts"], replies) / ref["ppl"]
+        asked, replies = replies_to(model, tok, data["prompts"], opts, hooks)
+        ratio = perplexity(model, tok, asked, replies) / ref["ppl"]
+        reply_score = vader(replies).mean().item()
     ok = kl <= opts.max_kl and ratio is not None and ratio <= opts.max_ppl_ratio
-    return {"concept": concept, "kl": kl, "ppl_ratio": ratio, "ok": ok}
+    return {"concept": concept, "reply_score": reply_score, "kl": kl, "ppl_ratio": ratio, "ok": ok}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,6 +351,8 @@ def search(opts: Options) -> dict:
     with it, without it and with the opposite."""
     t0 = time.time()
     data = read_pairs(opts.pairs)
+    selection, test = split_prompts(data["prompts"], opts.seed)
+    data = {**data, "prompts": selection}  # the test half is eval's alone
     tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
     vectors = contrast_vectors(model, tok, data["pairs"])
@@ -337,16 +368,23 @@ def search(opts: Options) -> dict:
                      **score(model, tok, data, ref, hooks, opts)})
     accepted = [r for r in rows if r["ok"]]
     result = {"concept": data["concept"], "model": name, "adapter": adapter,
-              "unsteered": {"concept": ref["concept"], "ppl": ref["ppl"]}, "rows": rows, "best": None}
+              "unsteered": {"concept": ref["concept"], "ppl": ref["ppl"], "reply_score": ref["reply_score"]},
+              "rows": rows, "best": None}
     if accepted:
-        best = result["best"] = max(accepted, key=lambda r: r["concept"])
+        best = result["best"] = max(accepted, key=lambda r: r["reply_score"])
         v_pos, v_neg = (v[best["extract"]] for v in vectors[best["pooling"]])
+        hooks = {f"resid.{best['steer']}": sample.steering_hook(v_pos, v_neg, best["alpha_pos"], best["alpha_neg"])}
+        on_test = lambda h: vader(replies_to(model, tok, test, opts, h)[1]).mean().item()  # recorded, never chosen on
+        result["test"] = {"reply_score": on_test(hooks), "unsteered_reply_score": on_test(None)}
         path = result["path"] = Path("out/steer") / f"{opts.name or data['concept']}.safetensors"
         save_vector(path, v_pos, v_neg, {
             "kind": "pairs", "concept": data["concept"], "source": opts.pairs, "model": name, "adapter": adapter,
             "extract_layer": best["extract"], "steer_layer": best["steer"], "pooling": best["pooling"],
             "alpha_pos": best["alpha_pos"], "alpha_neg": best["alpha_neg"], "r": best["r"], "t": best["t"],
             "concept_score": best["concept"], "unsteered_concept_score": ref["concept"], "kl": best["kl"],
+            "selection_reply_score": best["reply_score"], "unsteered_selection_reply_score": ref["reply_score"],
+            "test_reply_score": result["test"]["reply_score"],
+            "unsteered_test_reply_score": result["test"]["unsteered_reply_score"],
             "ppl_ratio": best["ppl_ratio"], "max_kl": opts.max_kl, "max_ppl_ratio": opts.max_ppl_ratio})
         site, a_pos, a_neg = f"resid.{best['steer']}", best["alpha_pos"], best["alpha_neg"]
         label = path.stem
@@ -360,16 +398,19 @@ def search(opts: Options) -> dict:
 
 def markdown(result: dict) -> str:
     u = result["unsteered"]
-    out = [f"Concept {result['concept']!r} on {result['model']}, adapter {result['adapter'] or 'none'}. "
-           f"Unsteered: concept score {u['concept']:.2f}, perplexity of its replies {u['ppl']:.2f}. r, t: the "
-           "push along v_pos - v_neg and along their mean, as fractions of the stream's norm. Best within the "
-           "bounds first; ppl ratio '-' = not sampled (the KL already rules it out).", "",
-           "| extract | steer | pooling | r | t | alpha_pos | alpha_neg | concept | KL | ppl ratio | ok |",
-           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in sorted(result["rows"], key=lambda r: (not r["ok"], -r["concept"])):
+    out = [f"Concept {result['concept']!r} on {result['model']}, adapter {result['adapter'] or 'none'}, on the "
+           f"selection half of the prompts. Unsteered: reply score (VADER) {u['reply_score']:.3f}, first-token "
+           f"concept score {u['concept']:.2f}, perplexity of its replies {u['ppl']:.2f}. r, t: the push along "
+           "v_pos - v_neg and along their mean, as fractions of the stream's norm. Best reply score within the "
+           "bounds first; '-' = not sampled (the KL already rules it out).", "",
+           "| extract | steer | pooling | r | t | alpha_pos | alpha_neg | reply score | concept | KL | ppl ratio | ok |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    key = lambda r: (not r["ok"], -(r["reply_score"] if r["reply_score"] is not None else -math.inf), -r["concept"])
+    for r in sorted(result["rows"], key=key):
         ratio = "-" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
+        reply = "-" if r["reply_score"] is None else f"{r['reply_score']:.3f}"
         out.append(f"| {r['extract']} | {r['steer']} | {r['pooling']} | {r['r']:.2f} | {r['t']:+.2f} | "
-                   f"{r['alpha_pos']:.3f} | {r['alpha_neg']:.3f} | {r['concept']:.2f} | {r['kl']:.3f} | {ratio} | "
+                   f"{r['alpha_pos']:.3f} | {r['alpha_neg']:.3f} | {reply} | {r['concept']:.2f} | {r['kl']:.3f} | {ratio} | "
                    f"{'yes' if r['ok'] else 'no'} |")
     return "\n".join(out)
 
@@ -382,6 +423,261 @@ def print_samples(prompts, samples: dict):
         for label, replies in samples.items():
             for reply in replies[i * n : (i + 1) * n]:
                 print(f"  {label:<{width}} | {reply}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Judging whole replies: VADER, and the unsteered model asked.
+
+def split_prompts(prompts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """The pairs file's prompts in two disjoint halves, seeded: (selection, the search chooses on it;
+    test, only eval reads it)."""
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    half = (len(prompts) + 1) // 2
+    return [prompts[i] for i in sorted(order[:half])], [prompts[i] for i in sorted(order[half:])]
+
+
+# VADER (Hutto & Gilbert 2014), a sentiment lexicon with rules for negation, intensifiers, capitals,
+# "!!!" and emoticons, built for social-media text: what a chat reply is. Its compound score lies in
+# [-1, 1]; >= 0.05 is its authors' threshold for positive.
+VADER = SentimentIntensityAnalyzer()
+POSITIVE_AT = 0.05
+
+
+def vader(texts: list[str]) -> torch.Tensor:
+    """(N,) VADER's compound score of each text; an empty reply scores 0 (neutral)."""
+    return torch.tensor([VADER.polarity_scores(t)["compound"] for t in texts])
+
+
+JUDGE = 'Message: "{text}"\nQuestion: is the person who wrote this happy or sad?\nAnswer:'
+
+
+@torch.inference_mode()
+def judge_scores(model, tok, texts: list[str], batch_size=32) -> torch.Tensor:
+    """(N,) log p(" happy") - log p(" sad") as the model's answer about each text (call it unsteered)."""
+    happy, sad = (tok.encode(w, start=False)[0] for w in (" happy", " sad"))
+    out = []
+    for j in range(0, len(texts), batch_size):
+        tokens, mask = pad([tok.encode(JUDGE.format(text=t)) for t in texts[j : j + batch_size]], left=True,
+                           device=model.embed_tokens.weight.device)
+        logp = model.unembed(model(tokens, mask=mask, unembed=False)[:, -1]).float().log_softmax(-1)  # (B, V)
+        out.append((logp[:, happy] - logp[:, sad]).cpu())
+    return torch.cat(out)
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks, ties given their mean rank."""
+    def ranks(x):
+        x = torch.as_tensor(x, dtype=torch.float64)
+        order = x.argsort()
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in x.unique():  # ties: the mean of their ranks
+            r[x == v] = r[x == v].mean()
+        return r
+    return torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1].item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval: the saved vector against a random direction and a prompt, on prompts the search never saw.
+
+def eval_prompts(data, tuned, opts: Options) -> tuple[list[str], str, list]:
+    """(the test prompts: the pairs file's test half and real contexts from held-out sessions, each
+    ending in the replier's tag; that tag; held-out examples of the replier, whose NLL is the cost)."""
+    _, test = split_prompts(data["prompts"], opts.seed)
+    speaker = test[0].splitlines()[-1].strip()
+    settings = sft.data_settings(tuned.training, type("Flags", (), {})())
+    messages, _ = load_pair(settings.data)
+    _, held_out = build_examples(messages, tuned.tok, settings.context_messages, settings.session_gap_hours,
+                                 settings.val_frac, settings.max_len)
+    theirs = [e for e in held_out if e.text[: e.cut].endswith("\n" + speaker) or e.text[: e.cut] == speaker]
+    if not theirs:
+        raise BadInput(f"--pairs {opts.pairs}: its prompts' replier {speaker} never writes in the held-out sessions "
+                       f"of {settings.data}")
+    spread = lambda xs, n: xs[:: max(1, len(xs) // n)][:n]
+    contexts = [e.text[: e.cut] for e in spread([e for e in theirs if e.text[: e.cut] != speaker], opts.contexts)]
+    return test + contexts, speaker, spread(theirs, opts.held_out)
+
+
+def with_line(prompt: str, line: str) -> str:
+    """The prompt with one more chat line just before the replier's tag."""
+    head, _, tag_line = prompt.rpartition("\n")
+    return f"{head}\n{line}\n{tag_line}" if head else f"{line}\n{tag_line}"
+
+
+@torch.inference_mode()
+def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
+    """Mean NLL per token of the real replies of held-out examples (their target tokens after their
+    context), steered by hooks or with line just before the replier's tag. Every condition encodes the
+    prompt the same way (the reply's tokens kept as the example has them), so only the condition differs."""
+    device = model.embed_tokens.weight.device
+    nll, count = 0.0, 0
+    for j in range(0, len(examples), 16):
+        rows = []
+        for e in examples[j : j + 16]:
+            prompt = tok.encode(with_line(e.text[: e.cut], line) if line else e.text[: e.cut])
+            reply = e.tokens[e.loss_mask.index(True) :]
+            rows.append((prompt + reply, [False] * len(prompt) + [True] * len(reply)))
+        tokens, _ = pad([r for r, _ in rows], device=device)
+        scored = pad([m for _, m in rows], device=device)[0].bool()
+        lp = scored_logprobs(model, tokens, scored, hooks=hooks)
+        nll, count = nll - lp.sum().item(), count + len(lp)
+    return nll / count
+
+
+def parse_alphas(text: str) -> list[float]:
+    try:
+        alphas = sorted({float(a) for a in text.split(",")})
+    except ValueError:
+        raise BadInput(f"--alphas {text!r}: expected numbers separated by commas, e.g. -1,0,1") from None
+    if not all(math.isfinite(a) for a in alphas) or not any(a > 0 for a in alphas):
+        raise BadInput(f"--alphas {text}: finite numbers, at least one of them above 0")
+    return alphas
+
+
+def conditions(meta, v_pos, v_neg, alphas, data, speaker, seed) -> list[dict]:
+    """Every (condition, alpha) to sample: the saved vector and a random direction of the same norm at
+    the same site, at each alpha (0 once: unsteered); and the prompt baseline at each distinct
+    ceil(|alpha|): that many of the pairs' positive statements (negative ones for alpha < 0) as the
+    replier's own lines before their turn."""
+    push = meta["alpha_pos"] * v_pos.float() - meta["alpha_neg"] * v_neg.float()  # (D,) alpha 1 of the vector
+    g = torch.Generator().manual_seed(seed)
+    random_push = torch.randn(push.shape, generator=g)
+    random_push = random_push * push.norm() / random_push.norm()
+    site = f"resid.{meta['steer_layer']}"
+    out = [{"condition": "unsteered", "alpha": 0.0, "hooks": None, "line": "", "push_norm": 0.0}]
+    for name, p in (("vector", push), ("random", random_push)):
+        for a in alphas:
+            if a != 0:
+                out.append({"condition": name, "alpha": a, "hooks": {site: add(a * p)}, "line": "",
+                            "push_norm": abs(a) * p.norm().item()})
+    levels = sorted({math.copysign(math.ceil(abs(a)), a) for a in alphas if a != 0})
+    for level in levels:
+        side = 0 if level > 0 else 1
+        said = [pair[side] for pair in data["pairs"][: int(abs(level))]]
+        out.append({"condition": "prompt", "alpha": level, "hooks": None, "push_norm": 0.0,
+                    "line": "\n".join(f"{speaker} {s[0].lower() + s[1:]}" for s in said)})
+    return out
+
+
+def evaluate(opts: Options) -> dict:
+    t0 = time.time()
+    path = sample.steering_path(opts.name or read_pairs(opts.pairs)["concept"], "--name")
+    v_pos, v_neg, meta = sample.read_steering(path)
+    data = read_pairs(opts.pairs)
+    texts, ratings = read_ratings(opts.labels)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
+    model, tok = tuned.model, tuned.tok
+    if v_pos.shape != (model.cfg.dim,):
+        raise BadInput(f"{path}: vectors of {v_pos.shape[0]} dimensions, this model's stream has {model.cfg.dim}")
+    v_pos, v_neg = (v.to(model.embed_tokens.weight.device) for v in (v_pos, v_neg))
+    prompts, speaker, held_out = eval_prompts(data, tuned, opts)
+    alphas = parse_alphas(opts.alphas)
+    # The judges, checked against human ratings first.
+    agreement = {"vader": spearman(vader(texts), ratings), "local judge": spearman(judge_scores(model, tok, texts), ratings)}
+    print(f"{len(prompts)} test prompts x {opts.replies} replies; judges' Spearman with {opts.labels}: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items()))
+    repeated = [p for p in prompts for _ in range(opts.replies)]
+    rows, replies_of = [], {}
+    for c in cli.progress(conditions(meta, v_pos, v_neg, alphas, data, speaker, opts.seed), desc="conditions",
+                          unit="condition"):
+        asked = [with_line(p, c["line"]) for p in repeated] if c["line"] else repeated
+        replies = sample.generate(model, tok, asked, sampling(opts), hooks=c["hooks"])  # the same seed everywhere
+        compound = vader(replies).view(len(prompts), opts.replies)  # (P, n)
+        judged = judge_scores(model, tok, replies).view(len(prompts), opts.replies)
+        words = [len(r.split()) for r in replies]
+        rows.append({"condition": c["condition"], "alpha": c["alpha"], "push_norm": c["push_norm"],
+                     "vader_per_prompt": compound.mean(1).tolist(), "judge_per_prompt": judged.mean(1).tolist(),
+                     "positive_share": (compound >= POSITIVE_AT).float().mean().item(),
+                     "held_out_nll": held_out_nll(model, tok, held_out, c["hooks"], c["line"]),
+                     "ppl": perplexity(model, tok, repeated, replies), "distinct_2": ev.distinct(replies, 2),
+                     "empty": sum(not r.strip() for r in replies) / len(replies), "words": sum(words) / len(words)})
+        replies_of[c["condition"], c["alpha"]] = replies
+    return summarise(rows, replies_of, prompts, agreement, opts, {
+        "vector": str(path), "setting": {k: meta.get(k) for k in ("steer_layer", "extract_layer", "alpha_pos", "alpha_neg")},
+        "model": tuned.base_model, "adapter": tuned.adapter, "speaker": speaker, "prompts": len(prompts),
+        "test_prompts_from_pairs": len(split_prompts(data["prompts"], opts.seed)[1]), "held_out_messages": len(held_out),
+        "replies_per_prompt": opts.replies, "seconds": round(time.time() - t0)})
+
+
+def summarise(rows, replies_of, prompts, agreement, opts, settings) -> dict:
+    """Per row: means with bootstrap intervals over prompts, paired differences from unsteered, and for
+    the vector and random rows the share of prompts whose score rises with alpha."""
+    base = next(r for r in rows if r["condition"] == "unsteered")
+    v0 = np.array(base["vader_per_prompt"])
+    for r in rows:
+        v = np.array(r["vader_per_prompt"])
+        r["vader"] = ev.mean_with_interval(v, opts.bootstrap, opts.seed)
+        r["vader_change"] = ev.mean_with_interval(v - v0, opts.bootstrap, opts.seed)  # paired, prompt by prompt
+        r["judge"] = float(np.mean(r["judge_per_prompt"]))
+        r["nll_change"] = r["held_out_nll"] - base["held_out_nll"]
+    steerable = {}
+    for name in ("vector", "random"):
+        line = sorted([base] + [r for r in rows if r["condition"] == name], key=lambda r: r["alpha"])
+        a = np.array([r["alpha"] for r in line])
+        scores = np.array([r["vader_per_prompt"] for r in line])  # (alphas, P)
+        slope = ((a - a.mean())[:, None] * (scores - scores.mean(0))).sum(0) / ((a - a.mean()) ** 2).sum()  # (P,)
+        steerable[name] = {"steerable": float((slope > 0).mean()), "anti_steerable": float((slope < 0).mean())}
+    samples = {f"{c} {a:+g}": replies[: opts.replies * 2 : opts.replies] for (c, a), replies in replies_of.items()
+               if c == "unsteered" or abs(a) == 1}
+    return {"settings": {**asdict(opts), **settings}, "agreement": agreement, "rows": rows, "steerable": steerable,
+            "verdict": verdict(rows), "samples": samples, "sample_prompts": prompts[:2]}
+
+
+def verdict(rows) -> str:
+    """Does the vector beat the prompt baseline at equal cost? The vector's alpha whose held-out NLL
+    rise is closest to the prompt's at +1 line, compared on VADER's rise."""
+    prompt = next((r for r in rows if r["condition"] == "prompt" and r["alpha"] == 1), None)
+    vectors = [r for r in rows if r["condition"] == "vector" and r["alpha"] > 0]
+    if prompt is None or not vectors:
+        return "no prompt baseline at +1 to compare with"
+    near = min(vectors, key=lambda r: abs(r["nll_change"] - prompt["nll_change"]))
+    better = near["vader_change"]["mean"] > prompt["vader_change"]["mean"]
+    return (f"at about the prompt's cost (held-out NLL {prompt['nll_change']:+.3f} nats/token for one upbeat line; "
+            f"the vector at alpha {near['alpha']:g}: {near['nll_change']:+.3f}), the vector raises VADER by "
+            f"{near['vader_change']['mean']:+.3f} and the prompt by {prompt['vader_change']['mean']:+.3f}: "
+            + ("steering beats prompting." if better else "prompting does as well or better than steering."))
+
+
+def eval_markdown(r: dict) -> str:
+    s = r["settings"]
+    unreliable = [k for k, v in r["agreement"].items() if v < 0.6]
+    out = [f"steer.py eval {Path(s['vector']).stem}: {s['prompts']} test prompts ({s['test_prompts_from_pairs']} from "
+           f"the pairs file's test half, the rest real held-out contexts) x {s['replies_per_prompt']} replies, the "
+           f"same seeds in every condition; cost on {s['held_out_messages']} real held-out messages of {s['speaker']}. "
+           "Judges' Spearman with the rated messages: " + ", ".join(f"{k} {v:.2f}" for k, v in r["agreement"].items())
+           + (f" ({', '.join(unreliable)}: below 0.6, unreliable)" if unreliable else "") + ".", "",
+           "| condition | alpha | VADER | change [95%] | positive | judge | held-out NLL change | ppl | distinct-2 | empty | words |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for x in sorted(r["rows"], key=lambda x: (x["condition"] != "unsteered", x["condition"], x["alpha"])):
+        ch = x["vader_change"]
+        out.append(f"| {x['condition']} | {x['alpha']:+g} | {x['vader']['mean']:.3f} | {ch['mean']:+.3f} "
+                   f"[{ch['interval'][0]:+.3f}, {ch['interval'][1]:+.3f}] | {x['positive_share']:.2f} | {x['judge']:+.2f} | "
+                   f"{x['nll_change']:+.4f} | {x['ppl']:.1f} | {x['distinct_2']:.2f} | {x['empty']:.2f} | {x['words']:.1f} |")
+    st = r["steerable"]
+    out += ["", f"Prompts whose VADER score rises with alpha: vector {st['vector']['steerable']:.0%} "
+            f"(falls: {st['vector']['anti_steerable']:.0%}), random {st['random']['steerable']:.0%}.",
+            "", "Verdict: " + r["verdict"]]
+    return "\n".join(out)
+
+
+def plot_eval(r: dict, path: Path):
+    """Concept (VADER) against cost (held-out NLL rise), one curve per condition over its alphas, with
+    the intervals over prompts."""
+    plt = cli.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = next(x for x in r["rows"] if x["condition"] == "unsteered")
+    for k, name in enumerate(("vector", "random", "prompt")):
+        line = sorted([base] + [x for x in r["rows"] if x["condition"] == name], key=lambda x: x["alpha"])
+        xs, ys = [x["nll_change"] for x in line], [x["vader"]["mean"] for x in line]
+        err = [[y - x["vader"]["interval"][0] for x, y in zip(line, ys)], [x["vader"]["interval"][1] - y for x, y in zip(line, ys)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, c=f"C{k}", label=name)
+        for x, y, row in zip(xs, ys, line):
+            ax.annotate(f"{row['alpha']:+g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{k}")
+    ax.set(xlabel="held-out NLL change (nats/token): the cost to sounding like the person",
+           ylabel="VADER compound of the replies", title=f"steering {Path(r['settings']['vector']).stem}: concept vs cost")
+    ax.legend()
+    cli.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,10 +778,21 @@ def main():
         ratio = best["ppl_ratio"]
         print(f"\nbest: extract resid.{best['extract']}, steer resid.{best['steer']}, {best['pooling']} pooling, "
               f"alpha_pos {best['alpha_pos']:.3f}, alpha_neg {best['alpha_neg']:.3f} (r {best['r']:.2f}, "
-              f"t {best['t']:+.2f}): concept {best['concept']:.2f} (unsteered {result['unsteered']['concept']:.2f}), "
-              f"KL {best['kl']:.3f}, ppl ratio {ratio:.2f}")
+              f"t {best['t']:+.2f}): reply score {best['reply_score']:.3f} (unsteered "
+              f"{result['unsteered']['reply_score']:.3f}; on the test half {result['test']['reply_score']:.3f} against "
+              f"{result['test']['unsteered_reply_score']:.3f}), concept {best['concept']:.2f}, KL {best['kl']:.3f}, "
+              f"ppl ratio {ratio:.2f}")
         print_samples(result["sample_prompts"], result["samples"])
         print(f"\nwrote {result['path']}; {len(result['rows'])} settings in {result['seconds'] / 60:.1f} min")
+    elif command == "eval":
+        r = evaluate(opts)
+        stem = Path(r["settings"]["vector"]).stem
+        out = Path("out/steer")
+        cli.write_atomically(out / f"eval_{stem}.json", lambda p: p.write_text(json.dumps(r, indent=2) + "\n"))
+        plot_eval(r, out / f"eval_{stem}.png")
+        print(eval_markdown(r))
+        print_samples(r["sample_prompts"], {k: v[:2] for k, v in r["samples"].items()})
+        print(f"\nwrote {out / f'eval_{stem}.json'} and eval_{stem}.png in {r['settings']['seconds'] / 60:.1f} min")
     else:
         r = probe(opts)
         ratio = "-" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"

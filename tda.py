@@ -743,11 +743,6 @@ def method_scores(model, tok, examples, queries, layers, batch_size, grad_dims, 
     return out
 
 
-def with_interval(values, n_boot, seed) -> dict:
-    values = np.asarray(values, dtype=float)
-    return {"mean": float(values.mean()), "interval": ev.mean_interval(values, n_boot, np.random.default_rng(seed))}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Evaluation 1, planted facts: said or merely mentioned?
 #
@@ -888,12 +883,12 @@ def evaluate_planted(opts: Options) -> dict:
     table = {}
     for method, s in scores.items():
         rank = first_source_rank(s, is_source, generator)  # (Q,)
-        row = {"recall@1": with_interval((rank == 1).float(), opts.bootstrap, opts.seed),
-               "mrr": with_interval(1 / rank.float(), opts.bootstrap, opts.seed)}
+        row = {"recall@1": ev.mean_with_interval((rank == 1).float(), opts.bootstrap, opts.seed),
+               "mrr": ev.mean_with_interval(1 / rank.float(), opts.bootstrap, opts.seed)}
         if opts.decoys:  # within a fact's planted examples: how often a source outscores a decoy (chance 0.5)
             wins = [((a > b).float() + 0.5 * (a == b).float()).mean() for a, b in
                     ((s[q, is_source[q]][:, None], s[q, is_decoy[q]][None, :]) for q in range(len(queries)))]
-            row["source_over_decoy"] = with_interval(wins, opts.bootstrap, opts.seed)
+            row["source_over_decoy"] = ev.mean_with_interval(wins, opts.bootstrap, opts.seed)
         table[method] = row
     result |= {"queries": len(queries), "table": table}
     return result
@@ -1035,7 +1030,7 @@ def evaluate_tail_patch(opts: Options) -> dict:
     normal = lambda m, d: (g[m][d].mean(-1) - g["random"][d].mean(-1)) / (g["the reply itself"][d].mean(-1) - g["random"][d].mean(-1))
     for m in g:
         everything = np.arange(len(queries))
-        table[m] = {"gain_nats": with_interval(g[m], opts.bootstrap, opts.seed),
+        table[m] = {"gain_nats": ev.mean_with_interval(g[m], opts.bootstrap, opts.seed),
                     "score": {"mean": float(normal(m, everything)),
                               "interval": [float(v) for v in np.percentile(normal(m, draws), [2.5, 97.5])]},
                     "times_random": float(g[m].mean() / g["random"].mean()) if g["random"].mean() > 0 else None}

@@ -214,6 +214,8 @@ CLI_CASES = [
     ("--mode unknown", "tda", lambda t: ["query", "--mode", "words"], "--mode words: act, lens, grad"),
     ("--damping 0", "tda", lambda t: ["query", "--damping", "0"], "--damping 0.0: must be > 0"),
     ("--max-kl 0", "steer", lambda t: ["search", "--max-kl", "0"], "--max-kl 0.0: must be > 0"),
+    ("steer eval no vector", "steer", lambda t: ["eval", "--name", str(t / "none")], "no steering vector at"),
+    ("steer eval --replies 0", "steer", lambda t: ["eval", "--replies", "0"], "--replies 0: must be >= 1"),
     ("bench --repeats 0", "bench", lambda t: ["--repeats", "0"], "--repeats 0: must be >= 1"),
 ]
 

@@ -194,3 +194,100 @@ def test_a_missing_or_malformed_pairs_file_names_itself(tmp_path):
     bad.write_text(json.dumps({**json.loads(PAIRS.read_text()), "prompts": ["[RIYA] hi"]}))
     with pytest.raises(BadInput, match="does not end with the replier's tag"):
         steer.read_pairs(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval: whole replies, judged, against controls.
+
+def test_vader_and_the_local_judge_read_fixed_strings_the_right_way_round(smol):
+    model, tok = smol
+    happy_texts = ["omg yay i got the job!! so happy", "this is the best day ever, love you guys"]
+    sad_texts = ["ugh everything is awful and i hate it", "i'm so sad, my dog died today"]
+    v = steer.vader(happy_texts + sad_texts + [""])
+    assert (v[:2] > 0.5).all() and (v[2:4] < -0.5).all() and v[4] == 0
+    judged = steer.judge_scores(model, tok, happy_texts + sad_texts)
+    assert judged[:2].min() > judged[2:].max()
+
+
+def test_spearman_is_pearson_of_the_ranks_with_ties_averaged():
+    assert steer.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert steer.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # By hand: ranks of [1, 1, 2] are [0.5, 0.5, 2], of [3, 1, 2] are [2, 0, 1].
+    a, b = torch.tensor([0.5, 0.5, 2.0]), torch.tensor([2.0, 0.0, 1.0])
+    expected = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert steer.spearman([1, 1, 2], [3, 1, 2]) == pytest.approx(expected)
+
+
+def test_the_prompt_split_is_seeded_disjoint_and_covers_every_prompt():
+    prompts = [f"[RIYA] q{i}\n[FRIEND]" for i in range(16)]
+    selection, test = steer.split_prompts(prompts, 0)
+    assert (selection, test) == steer.split_prompts(prompts, 0) and not set(selection) & set(test)
+    assert sorted(selection + test) == sorted(prompts) and len(selection) == len(test) == 8
+
+
+def test_the_search_never_sees_the_test_prompts(smol, monkeypatch, tmp_path):
+    calls = []  # the prompts of each sampling call
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda m, t, prompts, *a, **k: calls.append(set(prompts)) or generate(m, t, prompts, *a, **k))
+    monkeypatch.setattr(steer, "settings", lambda *a: [steer.Setting(10, 10, "mean", 0.1, 0.0)])
+    monkeypatch.chdir(tmp_path)  # the vector lands in tmp_path/out/steer
+    opts = steer.Options(pairs=str(PAIRS), base=True, sample_tokens=4, max_kl=1e9, max_ppl_ratio=1e9)
+    result = steer.search(opts)
+    selection, test = (set(x) for x in steer.split_prompts(steer.read_pairs(PAIRS)["prompts"], 0))
+    # Choosing: the unsteered replies and the one setting's, on the selection half; then the chosen
+    # setting and the unsteered model on the test half, recorded only; then samples to print.
+    assert calls[0] == calls[1] == selection and calls[2] == calls[3] == test
+    assert all(c <= selection for c in calls[4:])
+    _, _, meta = sample.read_steering(result["path"])
+    assert {"selection_reply_score", "test_reply_score", "unsteered_test_reply_score"} <= set(meta)
+    assert float(meta["selection_reply_score"]) == result["best"]["reply_score"]
+
+
+def test_the_random_control_has_the_vectors_norm_and_site_and_the_prompt_changes_only_the_prompt(happy):
+    data, v_pos, v_neg, unit = happy
+    meta = {"alpha_pos": 0.3 * unit, "alpha_neg": 0.2 * unit, "steer_layer": LAYER}
+    rows = steer.conditions(meta, v_pos, v_neg, [-1, 0, 0.5, 2], data, "[FRIEND]", seed=0)
+    push = meta["alpha_pos"] * v_pos - meta["alpha_neg"] * v_neg
+    x = torch.zeros(1, 2, push.shape[0])
+    for r in rows:
+        if r["condition"] in ("vector", "random"):
+            (site, hook), = r["hooks"].items()
+            moved = hook(x)[0, 0]  # what it adds
+            assert site == f"resid.{LAYER}" and r["line"] == ""
+            assert moved.norm().item() == pytest.approx(abs(r["alpha"]) * push.norm().item(), rel=1e-5)
+            if r["condition"] == "vector":
+                torch.testing.assert_close(moved, r["alpha"] * push)
+            else:
+                assert abs(torch.nn.functional.cosine_similarity(moved, push, dim=0)) < 0.2
+        elif r["condition"] == "prompt":
+            assert r["hooks"] is None and r["line"].startswith("[FRIEND] ")
+            assert len(r["line"].splitlines()) == abs(r["alpha"])
+    assert sorted(r["alpha"] for r in rows if r["condition"] == "prompt") == [-1, 1, 2]
+    assert [r["condition"] for r in rows].count("unsteered") == 1
+    prompt = "[RIYA] hi\n[RIYA] how was your day?\n[FRIEND]"
+    assert steer.with_line(prompt, "[FRIEND] today was great") == \
+        "[RIYA] hi\n[RIYA] how was your day?\n[FRIEND] today was great\n[FRIEND]"
+    assert steer.with_line("[FRIEND]", "[FRIEND] yay") == "[FRIEND] yay\n[FRIEND]"
+
+
+def test_eval_runs_end_to_end_on_a_vector_and_writes_its_table(tiny_chat_dir, tiny_adapter, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "v.safetensors"
+    g = torch.Generator().manual_seed(0)
+    steer.save_vector(path, torch.randn(64, generator=g), torch.randn(64, generator=g),
+                      {"model": str(tiny_chat_dir), "adapter": str(tiny_adapter), "steer_layer": 2, "alpha_pos": 1.0,
+                       "alpha_neg": 1.0})
+    opts = steer.Options(pairs=str(PAIRS), adapter=str(tiny_adapter), name=str(path), replies=2, contexts=3, held_out=8,
+                         sample_tokens=4, alphas="-1,0,1", bootstrap=200)
+    r = steer.evaluate(opts)
+    kinds = sorted((x["condition"], x["alpha"]) for x in r["rows"])
+    assert kinds == [("prompt", -1), ("prompt", 1), ("random", -1), ("random", 1), ("unsteered", 0), ("vector", -1), ("vector", 1)]
+    assert r["settings"]["prompts"] == 8 + 3 and r["settings"]["held_out_messages"] == 8
+    for x in r["rows"]:
+        assert len(x["vader_per_prompt"]) == 11 and x["vader"]["interval"][0] <= x["vader"]["mean"] <= x["vader"]["interval"][1]
+    unsteered = next(x for x in r["rows"] if x["condition"] == "unsteered")
+    assert unsteered["nll_change"] == 0 and unsteered["vader_change"]["mean"] == 0
+    table = steer.eval_markdown(r)
+    assert "| vector | +1 |" in table and "Verdict:" in table
+    steer.plot_eval(r, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
