@@ -542,7 +542,7 @@ def conditions(meta, v_pos, v_neg, alphas, data, speaker, seed) -> list[dict]:
     replier's own lines before their turn."""
     push = meta["alpha_pos"] * v_pos.float() - meta["alpha_neg"] * v_neg.float()  # (D,) alpha 1 of the vector
     g = torch.Generator().manual_seed(seed)
-    random_push = torch.randn(push.shape, generator=g)
+    random_push = torch.randn(push.shape, generator=g).to(push.device)
     random_push = random_push * push.norm() / random_push.norm()
     site = f"resid.{meta['steer_layer']}"
     out = [{"condition": "unsteered", "alpha": 0.0, "hooks": None, "line": "", "push_norm": 0.0}]

@@ -983,12 +983,12 @@ def evaluate_tail_patch(opts: Options) -> dict:
     # The candidates: the trained-on examples with gradients, each as the run trained on it.
     data = sft.DataSettings(settings["data"], settings["context_messages"], o.session_gap_hours, o.val_frac,
                             settings["max_len"])
-    indexed, _ = training_examples(data, tok, settings["context_messages"])
-    trained, _ = run_examples(training, tok)
-    as_trained = {(e.session, e.index): e for e in trained}
-    rows = index["grad.rows"].tolist()
-    candidates = [indexed[i] for i in rows]  # (N,) as indexed: what the methods compare
-    patched = [as_trained[pointers[i]["session"], pointers[i]["index"]] for i in rows]  # what a step trains on
+    as_indexed = {(e.session, e.index): e for e in training_examples(data, tok, settings["context_messages"])[0]}
+    as_trained = {(e.session, e.index): e for e in run_examples(training, tok)[0]}
+    rows = index["grad.rows"].tolist()  # the index's rows (all examples, or --trained-only's) with gradients
+    keys = [(pointers[i]["session"], pointers[i]["index"]) for i in rows]
+    candidates = [as_indexed[k] for k in keys]  # (N,) as indexed: what the methods compare
+    patched = [as_trained[k] for k in keys]  # as the run trained on them: what a step trains on
 
     # Replies: one sampled for each of --replies held-out prompts, spread over the held-out sessions.
     messages, _ = load_pair(settings["data"])

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 # The stages in the order they build on each other; a file may import only files before it.
-ORDER = ["cli", "smollm2", "model", "lora", "prep", "sft", "sample", "eval", "tda", "steer", "rlaif", "ppo", "bench"]
+ORDER = ["cli", "smollm2", "model", "lora", "prep", "sft", "memory", "sample", "eval", "tda", "steer", "rlaif", "ppo", "bench"]
 
 
 def imports(name: str) -> set[str]:

@@ -388,7 +388,11 @@ def test_the_index_marks_trained_examples_and_grad_queries_return_only_those(tra
             assert {i for i, _ in rows} <= set(trained) and len(rows) == len(trained)
     _, hits, _ = tda.query(replace(opts, prompt=prompt, reply="yes", all_examples=True, k=50))
     assert any(i not in trained for rows in hits.values() for i, _ in rows)
-    r = tda.evaluate_tail_patch(replace(opts, tail_patch=True, replies=3, top=2, bootstrap=200))
+    only = replace(opts, trained_only=True, index=str(tmp_path / "trained.safetensors"))
+    tda.build_index(only)
+    _, _, kept = tda.load_index(only.index)
+    assert [(p["session"], p["index"]) for p in kept] == [(pointers[i]["session"], pointers[i]["index"]) for i in trained]
+    r = tda.evaluate_tail_patch(replace(only, tail_patch=True, replies=3, top=2, bootstrap=200))
     assert r["settings"]["replies"] == 3 and {"BM25", "random", "the reply itself", "grad precond"} <= set(r["table"])
     assert r["table"]["random"]["score"]["mean"] == pytest.approx(0, abs=1e-9)
     assert r["table"]["the reply itself"]["score"]["mean"] == pytest.approx(1)

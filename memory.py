@@ -1,0 +1,267 @@
+"""Memory: what the two people said about themselves, kept verbatim, and read back into the context.
+
+    python memory.py build                          # the adapter's training sessions -> out/adapter/memory.jsonl
+    python memory.py build --data chat.jsonl --memory out/chat_memory.jsonl
+    python memory.py show                           # what it knows, per person, newest first
+
+A fine-tuned model learns how two people write, and some of what they wrote about, but it holds no
+record: asked twice where someone is from, it can answer "korea" once and "utah" the next time. Here a
+person's self-disclosures (first-person statements about themselves, their people, places, plans,
+dates and numbers) are kept word for word, by a small set of written rules (RULES, below, each tested
+on examples), with speaker, time and session; nothing is paraphrased by a model and nothing leaves the
+machine. A newer statement on a single-valued subject (age, home, origin, work, study) supersedes an
+older one; both are kept, with their times. Reading scores the current entries by BM25 relevance to the
+context plus recency (as Generative Agents, Park et al. 2023, https://arxiv.org/abs/2304.03442, sum
+normalised relevance and recency) and renders the best that fit a token budget as earlier chat lines
+of their speaker, with a short date, placed before the context. sample.py --memory reads it.
+
+Entries are JSONL (one per line), next to the adapter by default. Built from the training sessions
+only (sft.py's split), so an evaluation on the held-out sessions never finds its own answers in it.
+"""
+import json
+import re
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+
+import cli
+import lora
+import sft
+from cli import BadInput, Range, exit_on_bad_input, parse_options
+from prep import BM25, load_pair, one_line, split_sessions, tag, words
+
+COMMANDS = ("build", "show")
+
+
+@dataclass
+class Options:
+    data: Annotated[str, "build: the chat history (default: the data the adapter was trained on)"] = ""
+    adapter: Annotated[str, "build: the adapter whose training sessions (and training.json) to use; the "
+                            "memory goes next to it"] = sft.ADAPTER
+    memory: Annotated[str, "the memory file (default: memory.jsonl next to --adapter)"] = ""
+    all_sessions: Annotated[bool, "build: every session, the held-out ones too (not for evaluation)"] = False
+    top: Annotated[int, "show: entries listed per person", Range(1)] = 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: which sentences are self-disclosures.
+#
+# A sentence is kept when it is not a question and one rule matches it. Each rule is a regular
+# expression over the lower-cased sentence; a rule with a subject states a single-valued attribute, so
+# a newer statement on it supersedes an older one ("i live in utah" after "i live in seoul"). The others
+# add facts without replacing any: a person has many statements about their mom.
+I_AM = r"\bi(?:'m|’m| am|m)"
+PEOPLE = (r"mom|mother|dad|father|parents|sister|brother|siblings?|family|son|daughter|kids?|grandma|grandpa|"
+          r"grandparents|aunt|uncle|cousin|roommate|best friend|friends?|girlfriend|boyfriend|wife|husband|fianc[eé]e?|"
+          r"partner|boss|coworkers?|dog|cat|puppy|pets?")
+DATES = (r"\b(?:(?:19|20)\d\d|\d{1,2}(?:st|nd|rd|th)|monday|tuesday|wednesday|thursday|friday|saturday|sunday|january|february|march|april|may|june|"
+         r"july|august|september|october|november|december|tomorrow|tonight|next week|next year|last year)\b")
+RULES = [  # (name, pattern, subject or None)
+    ("age", rf"{I_AM} (\d{{1,2}})(?: years old| yrs| yo)?\b(?! ?(?:min|mins|minutes|hours?|hrs|%|dollars|bucks|am\b|pm\b|k\b))", "age"),
+    ("home", rf"\bi live (?:in|at|near|by|on)\b|{I_AM} living (?:in|at|near|by|on)\b|\bmy (?:house|apartment|flat|place) is\b", "home"),
+    ("origin", rf"{I_AM} (?:originally )?from\b|\bi (?:grew up|was born|was raised) (?:in|at|on|near)\b", "origin"),
+    ("work", rf"\bi work (?:at|for|as|in)\b|{I_AM} working (?:at|for|as|in)\b|\bmy job is\b", "work"),
+    ("study", rf"\bi (?:study|major in)\b|{I_AM} (?:studying|majoring)\b|\bmy major is\b", "study"),
+    ("people", rf"\bmy (?:{PEOPLE})\b", None),
+    ("plans", rf"{I_AM} (?:going to|gonna|planning|moving|flying|leaving for|heading to|starting)\b|\bi will\b|"
+              rf"\bi'll be\b|\bwe(?:'re| are) (?:going to|moving|gonna)\b", None),
+    ("has", r"\bi (?:have|'ve got|’ve got|got) (?:a|an|two|three|four|five|\d+) \w+", None),
+    ("likes", r"\bmy favou?rite\b|\bi (?:love|hate|enjoy|really like)\b", None),
+    ("dates", rf"\b(?:i|my|we|our|me)\b.*{DATES}", None),
+]
+COMPILED = [(name, re.compile(pattern), subject) for name, pattern, subject in RULES]
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # sentences: split after . ! or ? and a space
+
+
+def disclosure(sentence: str):
+    """(rule name, subject or None) of the first rule that matches a sentence, or None: not a
+    self-disclosure (a question, or under 3 words, never is)."""
+    s = sentence.strip().lower()
+    if s.endswith("?") or len(s.split()) < 3:
+        return None
+    for name, pattern, subject in COMPILED:
+        if pattern.search(s):
+            return name, subject
+    return None
+
+
+@dataclass
+class Entry:
+    speaker: str  # as the data names them (rendered with prep.tag)
+    text: str  # the disclosing sentences of one message, verbatim
+    time: str  # ISO 8601, the message's
+    session: int  # its session on the training side of split_sessions; -1 for a live chat
+    rule: str
+    subject: str | None  # a single-valued attribute it states, or None
+    simulated: bool = False  # said by the simulation in sample.py --chat/--loop, not by the person
+    superseded: str | None = None  # the time of the newer statement on the same subject, if any
+
+
+def disclosures(message_text: str):
+    """A message -> (its disclosing sentences joined, verbatim, the first matching rule, its subject),
+    or None."""
+    kept, first = [], None
+    for sentence in SENTENCE_END.split(one_line(message_text)):
+        found = disclosure(sentence)
+        if found:
+            kept.append(sentence.strip())
+            first = first or found
+    return (" ".join(kept), *first) if kept else None
+
+
+def entries_of(messages, session: int = -1, simulated=False) -> list[Entry]:
+    out = []
+    for m in messages:
+        found = disclosures(m.text)
+        if found:
+            text, rule, subject = found
+            out.append(Entry(m.speaker, text, m.time.isoformat(), session, rule, subject, simulated))
+    return out
+
+
+def supersede(entries: list[Entry]) -> list[Entry]:
+    """Mark each entry on a single-valued subject that a later one by the same speaker restates; all
+    are kept, in time order."""
+    entries = sorted(entries, key=lambda e: e.time)
+    latest = {}
+    for e in entries:
+        e.superseded = None
+    for e in entries:
+        if e.subject:
+            older = latest.get((e.speaker, e.subject))
+            if older is not None:
+                older.superseded = e.time
+            latest[e.speaker, e.subject] = e
+    return entries
+
+
+def build(messages, gap_hours: float, val_frac: float, all_sessions=False) -> list[Entry]:
+    """The memory of a history: the disclosures of its training sessions (every session with all_sessions)."""
+    train, held_out = split_sessions(messages, gap_hours, val_frac)
+    sessions = train + (held_out if all_sessions else [])
+    return supersede([e for s, session in enumerate(sessions) for e in entries_of(session, s)])
+
+
+def write_back(entries: list[Entry], speaker: str, text: str, time: datetime) -> list[Entry]:
+    """A live chat's new line by the simulated person: its disclosures join the memory, marked simulated
+    (the memory file is never training data: sft.py reads only --data and --examples)."""
+    from prep import Message
+
+    return supersede(entries + entries_of([Message(time, speaker, text)], simulated=True))
+
+
+def save(entries: list[Entry], path) -> None:
+    text = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in entries)
+    cli.write_atomically(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def load(path) -> list[Entry]:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"--memory {path}: no memory there; build one with `python memory.py build`")
+    entries = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(Entry(**json.loads(line)))
+            datetime.fromisoformat(entries[-1].time)
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise BadInput(f"--memory {path}:{n}: not a memory entry memory.py wrote") from None
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading: relevance and recency, within a token budget.
+
+RECENCY_WEIGHT = 0.5  # relevance is scaled to [0, 1]; an entry from just now adds 0.5 more
+HALF_LIFE_DAYS = 30.0  # ... and one from a month ago 0.25
+BUDGET = 256  # tokens of memory lines a context gets
+
+
+def days_between(now: datetime, then: datetime) -> float:
+    # Times are aware (UTC) when the export says so, else naive local time; a live chat's "now" may be
+    # either, so compare them as wall-clock times when only one side is aware.
+    if (now.tzinfo is None) != (then.tzinfo is None):
+        now, then = now.replace(tzinfo=None), then.replace(tzinfo=None)
+    return (now - then).total_seconds() / 86400
+
+
+def render(e: Entry) -> str:
+    """An entry as an earlier chat line of its speaker, with its date: "[RIYA] (2019-03-02) i'm from korea"."""
+    return f"{tag(e.speaker)} ({e.time[:10]}) {e.text}"
+
+
+def scores(entries: list[Entry], context: str, now: datetime, half_life_days=HALF_LIFE_DAYS) -> np.ndarray:
+    """(N,) relevance / max relevance (BM25 of the context's words against each entry's) plus
+    RECENCY_WEIGHT x 0.5^(age in days / half-life); 0 for an entry sharing no word with the context."""
+    bm25 = BM25([words(e.text) for e in entries])
+    relevance = bm25.scores(words(context))
+    if relevance.max(initial=0) <= 0:
+        return np.zeros(len(entries))
+    age = np.array([max(0.0, days_between(now, datetime.fromisoformat(e.time))) for e in entries])
+    return np.where(relevance > 0, relevance / relevance.max() + RECENCY_WEIGHT * 0.5 ** (age / half_life_days), 0.0)
+
+
+def recall(entries: list[Entry], context_lines: list[str], now: datetime, tok, budget=BUDGET) -> list[str]:
+    """The memory lines to put before a context: current entries stated before now and not already in
+    the context, best score first while they fit in budget tokens, then in time order."""
+    context = "\n".join(context_lines)
+    live = [e for e in entries if e.superseded is None and days_between(now, datetime.fromisoformat(e.time)) > 0
+            and e.text not in context]
+    if not live:
+        return []
+    s = scores(live, context, now)
+    chosen, used = [], 0
+    for i in np.argsort(-s, kind="stable"):
+        if s[i] <= 0:
+            break
+        cost = len(tok.encode(render(live[i]) + "\n", start=False))
+        if used + cost <= budget:
+            chosen.append(live[i])
+            used += cost
+    return [render(e) for e in sorted(chosen, key=lambda e: e.time)]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def memory_path(opts: Options) -> Path:
+    return Path(opts.memory) if opts.memory else Path(opts.adapter) / "memory.jsonl"
+
+
+def main():
+    command, argv = cli.command(sys.argv[1:], COMMANDS, "memory.py")
+    opts = parse_options(Options, argv=argv)
+    path = memory_path(opts)
+    if command == "build":
+        training = (lora.read_training(opts.adapter) if Path(opts.adapter).exists() else None) or {}
+        data = sft.data_settings(training, opts)
+        messages, _ = load_pair(data.data)
+        entries = build(messages, data.session_gap_hours, data.val_frac, opts.all_sessions)
+        save(entries, path)
+        per = defaultdict(int)
+        for e in entries:
+            per[tag(e.speaker)] += 1
+        which = "all sessions" if opts.all_sessions else "the training sessions"
+        print(f"wrote {path}: {len(entries)} disclosures from {which} of {data.data} "
+              f"({', '.join(f'{k} {v}' for k, v in per.items())}; {sum(e.superseded is not None for e in entries)} "
+              "superseded by a newer statement)")
+    else:
+        entries = load(path)
+        by_speaker = defaultdict(list)
+        for e in entries:
+            by_speaker[e.speaker].append(e)
+        for speaker, es in by_speaker.items():
+            print(f"\n{tag(speaker)}: {len(es)} entries, newest first")
+            for e in sorted(es, key=lambda e: e.time, reverse=True)[: opts.top]:
+                mark = (" [simulated]" if e.simulated else "") + (f" [superseded {e.superseded[:10]}]" if e.superseded else "")
+                print(f"  {e.time[:10]}  {e.rule:<7} {e.text[:100]}{mark}")
+
+
+if __name__ == "__main__":
+    exit_on_bad_input(main)

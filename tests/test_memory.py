@@ -1,0 +1,135 @@
+"""memory.py: the rules on written disclosures and non-disclosures, supersession by time, retrieval
+ranked as by hand within the token budget, built from training sessions only, simulated lines marked."""
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+
+import memory
+from memory import Entry
+from prep import BM25, load_pair, split_sessions, words
+from conftest import script
+
+DISCLOSURES = {  # sentence -> the rule that should keep it
+    "i'm 24 years old": "age",
+    "I am 31 and still no idea what I'm doing": "age",
+    "i live in provo with two roommates": "home",
+    "I'm originally from korea": "origin",
+    "i grew up in seoul": "origin",
+    "I work at a bakery on weekends": "work",
+    "i'm studying nursing at byu": "study",
+    "my sister just had a baby": "people",
+    "My boyfriend is so kind and thoughtful": "people",
+    "im going to lose wifi so ill be back in a few": "plans",
+    "I have two cats and a fish": "has",
+    "my favorite food is kimchi": "likes",
+    "my favorite is my mom's kimchi": "people",  # the first rule that matches names it
+    "we leave for hawaii on friday": "dates",
+}
+NOT_DISCLOSURES = [
+    "where are you from?",  # a question
+    "oh my god that is hilarious",  # "my" without a person or thing of theirs
+    "lol same",  # too short
+    "that sounds like a lot of fun",  # nothing first-person
+    "i'm 5 min away",  # a number that is not an age
+    "you should come visit sometime",
+    "do you have a dog?",
+]
+
+
+@pytest.mark.parametrize("sentence, rule", DISCLOSURES.items())
+def test_self_disclosures_are_kept_by_their_rule(sentence, rule):
+    assert memory.disclosure(sentence)[0] == rule
+
+
+@pytest.mark.parametrize("sentence", NOT_DISCLOSURES)
+def test_questions_small_talk_and_other_people_are_not_kept(sentence):
+    assert memory.disclosure(sentence) is None
+
+
+def test_only_the_disclosing_sentences_of_a_message_are_kept_verbatim():
+    text, rule, subject = memory.disclosures("Haha yeah. I live in Utah now! What about you?")
+    assert (text, rule, subject) == ("I live in Utah now!", "home", "home")
+    assert memory.disclosures("haha yeah. what about you?") is None
+
+
+def at(day):
+    return datetime(2020, 1, 1) + timedelta(days=day)
+
+
+def entry(text, day, speaker="Riya", subject=None, **kw):
+    return Entry(speaker, text, at(day).isoformat(), 0, kw.pop("rule", "x"), subject, **kw)
+
+
+def test_a_newer_statement_on_the_same_subject_supersedes_the_older_and_both_are_kept():
+    entries = memory.supersede([entry("i live in utah", 9, subject="home"), entry("i live in seoul", 1, subject="home"),
+                                entry("i live in lima", 5, speaker="Friend", subject="home"),
+                                entry("my mom is visiting", 2), entry("my mom cooks", 3)])
+    by_text = {e.text: e for e in entries}
+    assert [e.time for e in entries] == sorted(e.time for e in entries)  # time order
+    assert by_text["i live in seoul"].superseded == at(9).isoformat()
+    assert by_text["i live in utah"].superseded is None
+    assert by_text["i live in lima"].superseded is None  # another person's home
+    assert by_text["my mom is visiting"].superseded is None  # subjectless facts never replace each other
+
+
+class WordTokenizer:
+    def encode(self, text, start=True):
+        return text.split()
+
+
+def test_recall_ranks_by_relevance_plus_recency_as_by_hand_and_honours_the_budget():
+    entries = [entry("i love korean food so much", 0), entry("my sister lives in korea", 20),
+               entry("my dog is named biscuit", 25), entry("i went to korea last year for food", 28)]
+    now, context = at(30), "[FRIEND] do you miss korea and the food"
+    bm25 = BM25([words(e.text) for e in entries])
+    rel = bm25.scores(words(context))
+    age = np.array([30, 10, 5, 2])
+    by_hand = np.where(rel > 0, rel / rel.max() + memory.RECENCY_WEIGHT * 0.5 ** (age / memory.HALF_LIFE_DAYS), 0)
+    np.testing.assert_allclose(memory.scores(entries, context, now), by_hand)
+    assert by_hand[2] == 0  # biscuit shares no word with the context
+    tok = WordTokenizer()
+    cost = lambda e: len(tok.encode(memory.render(e) + "\n"))
+    everything = memory.recall(entries, [context], now, tok, budget=10_000)
+    assert everything == [memory.render(entries[i]) for i in (0, 1, 3)]  # relevant ones, in time order
+    best_first = [entries[i] for i in np.argsort(-by_hand) if by_hand[i] > 0]
+    budget = cost(best_first[0]) + cost(best_first[1]) - 1  # room for the best, not the second too
+    lines = memory.recall(entries, [context], now, tok, budget=budget)
+    assert memory.render(best_first[0]) in lines and memory.render(best_first[1]) not in lines
+    assert sum(len(tok.encode(l + "\n")) for l in lines) <= budget
+    assert memory.recall(entries, [context], at(10), tok) == [memory.render(entries[0])]  # nothing from the future
+    assert memory.render(entries[1]) == "[RIYA] (2020-01-21) my sister lives in korea"
+
+
+def test_the_memory_holds_training_sessions_only(small_chat):
+    messages, _ = load_pair(small_chat)
+    entries = memory.build(messages, 3.0, 0.5)
+    train, held_out = split_sessions(messages, 3.0, 0.5)
+    held = {(m.speaker, m.time.isoformat()) for s in held_out for m in s}
+    assert entries and not {(e.speaker, e.time) for e in entries} & held
+    assert {(e.speaker, e.time) for e in memory.build(messages, 3.0, 0.5, all_sessions=True)} & held
+
+
+def test_simulated_disclosures_are_marked_and_saved_apart_from_the_data(small_chat, tmp_path):
+    messages, _ = load_pair(small_chat)
+    entries = memory.write_back(memory.build(messages, 3.0, 0.5), "Friend", "lol ok. i live in denver now",
+                                datetime(2030, 1, 1))
+    new = [e for e in entries if e.simulated]
+    assert [e.text for e in new] == ["i live in denver now"] and new[0].session == -1
+    path = tmp_path / "memory.jsonl"
+    memory.save(entries, path)
+    assert memory.load(path) == entries
+    assert load_pair(small_chat)[0] == messages  # the history itself is untouched
+
+
+def test_cli_builds_next_to_the_adapter_and_shows_it(tiny_adapter, tmp_path):
+    path = tmp_path / "m.jsonl"
+    out = script("memory.py", "build", "--adapter", str(tiny_adapter), "--memory", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "disclosures from the training sessions" in out.stdout and path.exists()
+    shown = script("memory.py", "show", "--memory", str(path), "--top", "2")
+    assert shown.returncode == 0 and "[RIYA]" in shown.stdout and "newest first" in shown.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{\"speaker\": 1}\n")
+    out = script("memory.py", "show", "--memory", str(bad))
+    assert out.returncode == 2 and out.stderr.startswith("error: --memory") and len(out.stderr.splitlines()) == 1
