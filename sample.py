@@ -7,6 +7,7 @@
     python sample.py --chat --me RIYA --speaker FRIEND                  # you type as Riya
     python sample.py --loop 20 --prompt "[RIYA] hey"                    # both people, 20 messages
     python sample.py --speaker FRIEND --prompt "[RIYA] how was your day?" --steer happy:2   # happier
+    python sample.py --speaker FRIEND --prompt "[RIYA] where are you from again?" --memory  # memory.py's
 
 A prompt is chat lines in the training format ("[TAG] text", one message per line); the reply is the
 next message of --speaker, and it ends where that message ends: at the newline that closes a turn.
@@ -20,6 +21,7 @@ import functools
 import math
 import sys
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import lora
+import memory as mem  # as mem: Options.memory is the flag
 import sft
 from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
 from model import KVCache, add, pad
@@ -59,6 +62,10 @@ class Options:
     data: Annotated[str, "--loop: the training data, to count replayed training messages (default: the "
                          "data the adapter was trained on)"] = ""
     seed: Annotated[int, "random seed"] = 0
+    memory: Annotated[bool, "put what the two said about themselves (memory.py build) before the prompt; in "
+                            "--chat and --loop the simulation's own new disclosures are written back, marked "
+                            "simulated"] = False
+    memory_file: Annotated[str, "--memory: its file (default: memory.jsonl next to the adapter)"] = ""
     steer: Annotated[str, "steering vectors from steer.py, NAME:ALPHA[,NAME:ALPHA...]: NAME is "
                           "out/steer/NAME.safetensors or a path, ALPHA scales its saved setting (1 = as "
                           "found, -1 = the opposite); with --compare, both columns"] = ""
@@ -368,6 +375,28 @@ def next_speaker(model, tok, lines, tags, seed=0, sample=True, hooks=None):
     return tags[int(torch.multinomial(probs.cpu(), 1, generator=torch.Generator().manual_seed(seed)))]
 
 
+def remembering(opts: Options, tuned, tok, budget: int, context_messages: int):
+    """--memory: (fit, remember). fit(lines) puts the memory's lines for this context (memory.recall,
+    within min(its budget, half the prompt's)) before the latest lines that still fit; remember(line)
+    writes a simulated line's disclosures back to the file, marked simulated."""
+    path = Path(opts.memory_file) if opts.memory_file else Path(tuned.adapter or ".") / "memory.jsonl"
+    entries = mem.load(path)
+    names = {tag(e.speaker): e.speaker for e in entries}  # a tag -> the name the data gives them
+    room = min(mem.BUDGET, budget // 2)
+
+    def fit(lines):
+        recalled = mem.recall(entries, lines, datetime.now(), tok, room)
+        used = len(tok.encode("".join(line + "\n" for line in recalled), start=False)) if recalled else 0
+        return recalled + trim(lines, tok, budget - used, context_messages)
+
+    def remember(line):
+        speaker_tag, text = TAG_LINE.match(line).group(), line[TAG_LINE.match(line).end() :].strip()
+        entries[:] = mem.write_back(entries, names.get(speaker_tag, speaker_tag.strip("[]")), text, datetime.now())
+        mem.save(entries, path)
+
+    return fit, remember
+
+
 def main():
     opts = parse_options(Options)
     tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
@@ -378,6 +407,9 @@ def main():
     settings = sft.data_settings(tuned.training, opts)
     budget = min(settings.max_len, model.cfg.max_seq_len) - opts.max_new_tokens
     fit = lambda lines: trim(lines, tok, budget, settings.context_messages)
+    remember = lambda line: None  # --chat and --loop hand each simulated line to it
+    if opts.memory:
+        fit, remember = remembering(opts, tuned, tok, budget, settings.context_messages)
     speaker = tag(opts.speaker)
     lines = parse_prompt(opts.prompt)
     if opts.loop:
@@ -388,7 +420,8 @@ def main():
             raise BadInput(f"--loop plays two people; the prompt and --speaker name {tags}")
         for line in lines:
             print(line)
-        stats = loop(model, tok, lines, opts, tags, hooks, fit, settings.data)
+        stats = loop(model, tok, lines, opts, tags, hooks, fit, settings.data,
+                     say=lambda line: (print(line, flush=True), remember(line)))
         print("\nrepetition: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     elif opts.chat:
         me = tag(opts.me)
@@ -400,6 +433,7 @@ def main():
             reply = generate(model, tok, [prompt_for(fit(lines), speaker)], opts, hooks, mark_cut=True)[0]
             print(f"{speaker} {reply}", flush=True)
             lines.append(f"{speaker} {reply.removesuffix(CUT)}")
+            remember(lines[-1])
     else:
         prompts = [prompt_for(fit(lines), speaker)] * opts.n
         replies = generate(model, tok, prompts, opts, hooks, mark_cut=True)

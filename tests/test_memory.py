@@ -133,3 +133,40 @@ def test_cli_builds_next_to_the_adapter_and_shows_it(tiny_adapter, tmp_path):
     bad.write_text("{\"speaker\": 1}\n")
     out = script("memory.py", "show", "--memory", str(bad))
     assert out.returncode == 2 and out.stderr.startswith("error: --memory") and len(out.stderr.splitlines()) == 1
+
+
+def test_sample_reads_the_memory_before_the_context_and_writes_simulated_lines_back(small_chat, tmp_path):
+    from types import SimpleNamespace
+
+    import sample
+
+    path = tmp_path / "memory.jsonl"
+    messages, _ = load_pair(small_chat)
+    memory.save(memory.build(messages, 3.0, 0.5), path)
+    tok = WordTokenizer()
+    opts = SimpleNamespace(memory_file=str(path))
+    fit, remember = sample.remembering(opts, SimpleNamespace(adapter=""), tok, budget=400, context_messages=8)
+    entries = memory.load(path)
+    about = entries[0]  # something a context can ask about
+    context = [f"[RIYA] tell me about {' '.join(words(about.text)[-4:])}"]
+    seen = fit(context)
+    assert seen[-1] == context[0] and len(seen) > 1  # memory lines first, then the context
+    assert all(line.split(") ", 1)[-1] in {e.text for e in entries} for line in seen[:-1])
+    assert sum(len(tok.encode(l + "\n")) for l in seen[:-1]) <= 200  # half the prompt's budget at most
+    remember("[FRIEND] haha. i live in denver now")
+    remember("[FRIEND] ok sounds good")  # no disclosure: nothing written
+    after = memory.load(path)
+    assert len(after) == len(entries) + 1
+    new = next(e for e in after if e.simulated)
+    assert (new.speaker, new.text, new.session) == ("Friend", "i live in denver now", -1)
+
+
+def test_cli_sample_with_memory_runs(tiny_adapter, tmp_path):
+    path = tmp_path / "m.jsonl"
+    assert script("memory.py", "build", "--adapter", str(tiny_adapter), "--memory", str(path)).returncode == 0
+    out = script("sample.py", "--adapter", str(tiny_adapter), "--speaker", "FRIEND", "--prompt", "[RIYA] how is your mom?",
+                 "--memory", "--memory-file", str(path), "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("[FRIEND] ")
+    missing = script("sample.py", "--adapter", str(tiny_adapter), "--memory", "--memory-file", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "no memory there" in missing.stderr
