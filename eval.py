@@ -21,6 +21,10 @@ turn: exactly the tokens sft.py trains on) under
     (f) the fine-tuned model, short context plus the same retrieval
     (g) with --big-model, any model behind an OpenAI-compatible server, given the history as text,
         scored from the server's prompt log-probs (bits per character: another tokenizer)
+    (h) the fine-tuned model, short context plus memory.py's memory of the training sessions (what
+        each person said about themselves), recalled for the context, --memory-tokens of it; also on
+        the messages that reuse a rare word the same person wrote before, and a consistency test:
+        remembered facts asked for in fresh seeded sessions, with and without the memory
 
 in nats per token and bits per character, with paired bootstrap 95% intervals for each contrast.
 Then: who said this (is a message likelier after its real author's tag?), who talks next, statistics
@@ -40,7 +44,9 @@ import sys
 import time
 import unicodedata
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +55,7 @@ import torch
 
 import cli
 import lora
+import memory as mem
 import sample
 import sft
 from cli import FRACTION, POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
@@ -77,6 +84,10 @@ class Options:
     long_context: Annotated[int, "long context: tokens of history per forward; 0 = the model's window", Range(0)] = 0
     retrieval_tokens: Annotated[int, "(e), (f): tokens of retrieved earlier messages before the short context",
                                 Range(0)] = 512
+    memory_tokens: Annotated[int, "(h): tokens of memory.py's memory, built from the training sessions, before "
+                                  "the short context; 0 = no (h) and no consistency test", Range(0)] = 256
+    consistency_seeds: Annotated[int, "(h): simulated sessions per remembered fact in the consistency test",
+                                 Range(1)] = 10
     max_messages: Annotated[int, "score the speaker's latest N held-out messages (and the messages between "
                                  "them); 0 = all", Range(0)] = 200
     who_said: Annotated[int, "who said this: each person's latest N held-out messages; 0 = off", Range(0)] = 80
@@ -286,6 +297,78 @@ def retriever(tok, earlier_sessions, held_out, tags, budget: int):
         return [stream[j] for j in sorted(chosen)]
 
     return retrieve
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory, (h): what each person said about themselves in the training sessions (memory.py), recalled
+# for the short context by relevance and recency, before it, as dated chat lines of their speaker.
+
+def memory_retriever(entries, tok, budget: int):
+    """retrieve(s, context) -> the memory's entries for context, as messages (memory.render's text)."""
+    def retrieve(s, context):
+        if not context:
+            return []
+        lines = [f"{tag(m.speaker)} {one_line(m.text)}" for m in context]
+        return [Message(datetime.fromisoformat(x.time), x.speaker, mem.render(x).split("] ", 1)[1])
+                for x in mem.recall(entries, lines, context[-1].time, tok, budget)]
+    return retrieve
+
+
+def rare_reuse(train_sessions, held_out, tags, speaker_tag, max_messages=5) -> set:
+    """Keys (s, i) of the held-out messages of speaker_tag that reuse a rare word the same person wrote
+    in a training session: 4+ letters, in at most max_messages training messages of either person (a
+    name, a place, a hobby): where a memory can help most."""
+    count = Counter(w for s in train_sessions for m in s for w in set(words(one_line(m.text))))
+    theirs = {w for s in train_sessions for m in s if tags[m.speaker] == speaker_tag for w in words(one_line(m.text))}
+    rare = {w for w in theirs if count[w] <= max_messages and len(w) >= 4 and w.isalpha()}
+    return {(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
+            if tags[m.speaker] == speaker_tag and rare & set(words(one_line(m.text)))}
+
+
+def restricted(scores: Scores, keys) -> Scores:
+    """The scores of some messages only."""
+    keep = scores.nll.keys() & set(keys)
+    return Scores({k: scores.nll[k] for k in keep}, {k: scores.chars[k] for k in keep})
+
+
+# The consistency test: asked for a remembered fact in fresh sessions, does the simulation give the
+# same answer each time, and the one the person gave?
+QUESTIONS = {"origin": "where are you from again?", "home": "where do you live now?",
+             "work": "where do you work again?", "study": "what are you studying again?", "age": "how old are you again?"}
+COMMON = set("""a about again all also am an and any are as at be been but by can could did do does for from
+get got had has have he her here him his how i if im in into is it its just like me more my no not now of
+oh ok okay on one or our out really she so some than that the their them then there they this to too up us
+very was we well were what when where which who will with would yeah yes you your""".split())
+
+
+def consistency(model, tok, entries, tags, n_seeds: int, seed: int) -> dict:
+    """For each current single-valued fact (memory.py's subjects with a question), the other person asks
+    for it in n_seeds fresh sessions (one seeded batch), with and without the memory before the
+    question. A reply agrees with the memory when it shares a content word of the fact the question
+    does not hold; two replies agree when they share a content word."""
+    facts = [x for x in entries if x.superseded is None and x.subject in QUESTIONS and not x.simulated]
+    if not facts:
+        return {"facts": 0}
+    people = list(tags.values())
+    now = max(datetime.fromisoformat(x.time) for x in entries) + timedelta(days=1)
+    content = lambda text, but=(): {w for w in words(text) if w not in COMMON and w not in but}
+    out = {"facts": len(facts), "seeds": n_seeds, "examples": []}
+    for label, with_memory in (("without memory", False), ("with memory", True)):
+        agree_memory, agree_each = [], []
+        for j, fact in enumerate(facts):
+            asker = next(t for t in people if t != tag(fact.speaker))
+            question = f"{asker} {QUESTIONS[fact.subject]}"
+            lines = ([mem.render(x) for x in mem.recall(entries, [question], now, tok)] if with_memory else []) + [question]
+            replies = sample.generate(model, tok, [sample.prompt_for(lines, tag(fact.speaker))] * n_seeds,
+                                      sample.Options(seed=seed + j))
+            answer = content(fact.text, but=words(question))
+            agree_memory += [bool(content(r) & answer) for r in replies]
+            pairs = [(a, b) for k, a in enumerate(replies) for b in replies[k + 1 :]]
+            agree_each += [bool(content(a) & content(b)) for a, b in pairs]
+            if j < 3:
+                out["examples"].append({"condition": label, "fact": fact.text, "question": question, "replies": replies[:3]})
+        out[label] = {"agrees_with_memory": float(np.mean(agree_memory)), "agree_with_each_other": float(np.mean(agree_each))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -829,7 +912,8 @@ def evaluate(opts: Options) -> dict:
     n_scored = sum(tags[m.speaker] == speaker_tag for s, session in enumerate(held_out)
                    for i, m in enumerate(session) if (s, i) >= start)
     budget = opts.long_context or model.cfg.max_seq_len
-    ways = "6 ways (short and long context, retrieval;" if opts.retrieval_tokens else "4 ways (short and long context;"
+    ways = f"{4 + 2 * bool(opts.retrieval_tokens) + bool(opts.memory_tokens)} ways (short and long context" + \
+        (", retrieval" if opts.retrieval_tokens else "") + (", memory" if opts.memory_tokens else "") + ";"
     print(f"eval: {len(held_out)} held-out sessions of {data.data}; scoring {n_scored} of their {n_targets} "
           f"{speaker_tag} messages, each {ways} base and fine-tuned)"
           f"{', and (g) ' + opts.big_model if opts.big_model else ''}; sampling {opts.samples} x "
@@ -915,9 +999,8 @@ def evaluate(opts: Options) -> dict:
 
     # Likelihood of what was really written, seven ways.
     retrieve = retriever(tok, train_sessions, held_out, tags, opts.retrieval_tokens)
-    short = lambda desc, **kw: short_context(model, tok, held_out, tags, speaker_tag, data.context_messages,
-                                             data.max_len + (opts.retrieval_tokens if kw else 0), opts.batch_size,
-                                             start, desc, **kw)
+    short = lambda desc, extra=0, **kw: short_context(model, tok, held_out, tags, speaker_tag, data.context_messages,
+                                                      data.max_len + extra, opts.batch_size, start, desc, **kw)
     long = lambda desc: long_context(model, tok, train_sessions + held_out, len(held_out), tags, speaker_tag,
                                      budget, start, desc)
     said = lambda desc: who_said(model, tok, held_out, tags, data.context_messages, data.max_len, opts.batch_size,
@@ -925,16 +1008,23 @@ def evaluate(opts: Options) -> dict:
     with lora.disabled(model):  # the base model: the same weights with the adapter switched off
         a = timed("(a)", lambda: short("(a) base, short context"))
         b = timed("(b)", lambda: long("(b) base, long context"))
-        e = timed("(e)", lambda: short("(e) base, retrieval", retrieve=retrieve)) if opts.retrieval_tokens else None
+        e = timed("(e)", lambda: short("(e) base, retrieval", opts.retrieval_tokens, retrieve=retrieve)) \
+            if opts.retrieval_tokens else None
         said_base = timed("who said (base)", lambda: said("who said this (base)")) if opts.who_said else None
     c = timed("(c)", lambda: short("(c) fine-tuned, short context"))
     d = timed("(d)", lambda: long("(d) fine-tuned, long context"))
-    f = timed("(f)", lambda: short("(f) fine-tuned, retrieval", retrieve=retrieve)) if opts.retrieval_tokens else None
+    f = timed("(f)", lambda: short("(f) fine-tuned, retrieval", opts.retrieval_tokens, retrieve=retrieve)) \
+        if opts.retrieval_tokens else None
+    # (h): memory.py's memory of the training sessions only (never a held-out message), recalled per context.
+    entries = mem.build(messages, data.session_gap_hours, data.val_frac) if opts.memory_tokens else []
+    h = timed("(h)", lambda: short("(h) fine-tuned, memory", opts.memory_tokens,
+                                   retrieve=memory_retriever(entries, tok, opts.memory_tokens))) if entries else None
     said_tuned = timed("who said (fine-tuned)", lambda: said("who said this (fine-tuned)")) if opts.who_said else None
 
     runs = [("a", "base", "short", a), ("b", "base", "long", b), ("c", "fine-tuned", "short", c),
-            ("d", "fine-tuned", "long", d), ("e", "base", "retrieval", e), ("f", "fine-tuned", "retrieval", f)]
-    runs = [run for run in runs if run[3] is not None]  # --retrieval-tokens 0: no (e), (f)
+            ("d", "fine-tuned", "long", d), ("e", "base", "retrieval", e), ("f", "fine-tuned", "retrieval", f),
+            ("h", "fine-tuned", "memory", h)]
+    runs = [run for run in runs if run[3] is not None]  # --retrieval-tokens 0: no (e), (f); --memory-tokens 0: no (h)
     if big is not None:
         runs.append(("g", opts.big_model, "big", big))
     nll = {}
@@ -945,8 +1035,18 @@ def evaluate(opts: Options) -> dict:
                     "bits_per_char": bits_per_char(scores)}
     named = dict((key, scores) for key, _, _, scores in runs)
     contrasts = {}
-    for x, y in [("c", "b"), ("c", "e"), ("f", "c"), ("d", "b"), ("e", "a"), ("c", "g")]:
-        if x not in named or y not in named:
+    memory = None
+    if h is not None:
+        # Where a memory should matter: messages reusing a rare word the same person used before.
+        rare = rare_reuse(train_sessions, held_out, tags, speaker_tag)
+        named |= {"h_rare": restricted(h, rare), "c_rare": restricted(c, rare),
+                  "h_rest": restricted(h, h.nll.keys() - rare), "c_rest": restricted(c, c.nll.keys() - rare)}
+        memory = {"entries": len(entries), "rare_word_messages": len(named["h_rare"].nll),
+                  "consistency": timed("consistency", lambda: consistency(model, tok, entries, tags,
+                                                                          opts.consistency_seeds, opts.seed))}
+    for x, y in [("c", "b"), ("c", "e"), ("f", "c"), ("d", "b"), ("e", "a"), ("c", "g"), ("h", "c"), ("h", "f"),
+                 ("h_rare", "c_rare"), ("h_rest", "c_rest")]:
+        if x not in named or y not in named or not named[x].nll:
             continue
         contrasts[f"{x} vs {y}"] = {
             "nats_per_token": None if "g" in (x, y) else contrast(named[x], named[y], "token", opts.bootstrap, opts.seed),
@@ -974,6 +1074,7 @@ def evaluate(opts: Options) -> dict:
         "nll": nll,
         "contrasts": contrasts,
         "who_said": {"base": said_base, "fine-tuned": said_tuned} if opts.who_said else None,
+        "memory": memory,
         "next_speaker": {"base": next_speaker_accuracy(a, held_out, tags),
                          "fine-tuned": next_speaker_accuracy(c, held_out, tags)},
         **result,
@@ -983,7 +1084,8 @@ def evaluate(opts: Options) -> dict:
 
 
 CONTEXTS = {"short": "{n} messages of its session", "long": "{budget} tokens of history",
-            "retrieval": "{n} messages + {r} retrieved tokens", "big": "{chars} characters of history"}
+            "retrieval": "{n} messages + {r} retrieved tokens", "big": "{chars} characters of history",
+            "memory": "{n} messages + {m} memory tokens"}
 
 
 def markdown(r: dict) -> str:
@@ -996,7 +1098,7 @@ def markdown(r: dict) -> str:
            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, row in r["nll"].items():
         context = CONTEXTS[row["context"]].format(n=s["context_messages"], budget=s["long_context"],
-                                                  r=s["retrieval_tokens"], chars=s["big_context"])
+                                                  r=s["retrieval_tokens"], chars=s["big_context"], m=s["memory_tokens"])
         tokens = "-" if key == "g" else row["tokens"]
         nats = "-" if key == "g" else f"{row['nll']:.4f}"
         ppl = "-" if key == "g" else f"{row['perplexity']:.2f}"
@@ -1005,8 +1107,19 @@ def markdown(r: dict) -> str:
     out += ["", "| contrast (negative: the first is better) | nats/token [95% interval] | bits/char [95% interval] |",
             "| --- | ---: | ---: |"]
     cell = lambda c: "-" if c is None else f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+    subsets = {"_rare": f" on the {r['memory']['rare_word_messages'] if r.get('memory') else 0} messages reusing a rare word",
+               "_rest": " on the other messages"}
     for name, c in r["contrasts"].items():
-        out.append(f"| ({name.replace(' vs ', ') vs (')}) | {cell(c['nats_per_token'])} | {cell(c['bits_per_char'])} |")
+        x, y = name.split(" vs ")
+        where = next((label for suffix, label in subsets.items() if x.endswith(suffix)), "")
+        x, y = x.split("_")[0], y.split("_")[0]
+        out.append(f"| ({x}) vs ({y}){where} | {cell(c['nats_per_token'])} | {cell(c['bits_per_char'])} |")
+    if r.get("memory") and r["memory"]["consistency"].get("facts"):
+        k = r["memory"]["consistency"]
+        out += ["", f"| consistency: {k['facts']} remembered facts asked in {k['seeds']} fresh sessions each | agrees "
+                    "with the memory | answers agree with each other |", "| --- | ---: | ---: |"]
+        for label in ("without memory", "with memory"):
+            out.append(f"| {label} | {k[label]['agrees_with_memory']:.3f} | {k[label]['agree_with_each_other']:.3f} |")
     if r["who_said"]:
         w = r["who_said"]
         people = [k for k in w["base"] if k.startswith("[")]

@@ -208,9 +208,9 @@ def scores(entries: list[Entry], context: str, now: datetime, half_life_days=HAL
     return np.where(relevance > 0, relevance / relevance.max() + RECENCY_WEIGHT * 0.5 ** (age / half_life_days), 0.0)
 
 
-def recall(entries: list[Entry], context_lines: list[str], now: datetime, tok, budget=BUDGET) -> list[str]:
-    """The memory lines to put before a context: current entries stated before now and not already in
-    the context, best score first while they fit in budget tokens, then in time order."""
+def recall(entries: list[Entry], context_lines: list[str], now: datetime, tok, budget=BUDGET) -> list[Entry]:
+    """What to put before a context (render each): the current entries stated before now and not
+    already in the context, best score first while their lines fit in budget tokens, in time order."""
     context = "\n".join(context_lines)
     live = [e for e in entries if e.superseded is None and days_between(now, datetime.fromisoformat(e.time)) > 0
             and e.text not in context]
@@ -225,7 +225,7 @@ def recall(entries: list[Entry], context_lines: list[str], now: datetime, tok, b
         if used + cost <= budget:
             chosen.append(live[i])
             used += cost
-    return [render(e) for e in sorted(chosen, key=lambda e: e.time)]
+    return sorted(chosen, key=lambda e: e.time)
 
 
 # ---------------------------------------------------------------------------------------------------

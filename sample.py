@@ -385,7 +385,7 @@ def remembering(opts: Options, tuned, tok, budget: int, context_messages: int):
     room = min(mem.BUDGET, budget // 2)
 
     def fit(lines):
-        recalled = mem.recall(entries, lines, datetime.now(), tok, room)
+        recalled = [mem.render(e) for e in mem.recall(entries, lines, datetime.now(), tok, room)]
         used = len(tok.encode("".join(line + "\n" for line in recalled), start=False)) if recalled else 0
         return recalled + trim(lines, tok, budget - used, context_messages)
 

@@ -4,6 +4,7 @@ import math
 import random
 import re
 import socket
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import eval as ev
 import lora
 import sample
 from model import BadInput, load_checkpoint, load_tokenizer, token_logprobs
-from prep import encode_example, load_pair, one_line, split_sessions, tag, write_jsonl
+from prep import Message, encode_example, load_pair, one_line, split_sessions, tag, write_jsonl
 from conftest import FakeServer, script
 
 FRIEND = "[FRIEND]"
@@ -338,7 +339,7 @@ def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tin
                 "| always the same person again |", "| fine-tuned |"):
         assert row in out.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result["nll"]) == set("abcdef") and result["settings"]["long_context"] == 64
+    assert set(result["nll"]) == set("abcdefh") and result["settings"]["long_context"] == 64
     assert result["settings"]["speaker"] == FRIEND and result["samples"]["real"]["n"] == 4
     assert result["nll"]["a"]["messages"] == result["nll"]["b"]["messages"] == result["settings"]["messages"]
     assert result["settings"]["messages"] == result["settings"]["held_out_messages"]  # fewer than 200: all
@@ -373,12 +374,69 @@ def test_max_messages_scores_the_latest_ones_in_every_measure(small_chat, tiny_a
     assert "scoring the latest 5 of the " in ev.markdown(r)
 
 
-def test_no_retrieval_tokens_means_no_retrieval_rows_or_contrasts(small_chat, tiny_adapter, tmp_path):
+def test_no_retrieval_or_memory_tokens_means_no_such_rows_or_contrasts(small_chat, tiny_adapter, tmp_path):
     r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=0, turing_train=0, who_said=0,
-                               max_messages=5, retrieval_tokens=0, long_context=128, context_messages=2,
+                               max_messages=5, retrieval_tokens=0, memory_tokens=0, long_context=128, context_messages=2,
                                out=str(tmp_path / "e.json")))
     assert sorted(r["nll"]) == list("abcd") and sorted(r["contrasts"]) == ["c vs b", "d vs b"]
-    assert "retrieved" not in ev.markdown(r)
+    assert "retrieved" not in ev.markdown(r) and "memory" not in ev.markdown(r) and r["memory"] is None
+
+
+def test_memory_row_h_scores_the_same_messages_and_splits_out_the_rare_word_ones(small_chat, tiny_adapter, tmp_path):
+    r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=0, turing_train=0, who_said=0,
+                               max_messages=8, retrieval_tokens=0, memory_tokens=64, long_context=128,
+                               context_messages=2, consistency_seeds=2, out=str(tmp_path / "e.json")))
+    assert r["nll"]["h"]["messages"] == r["nll"]["c"]["messages"] == 8
+    assert r["nll"]["h"]["tokens"] == r["nll"]["c"]["tokens"]  # the same targets, more context before them
+    assert {"h vs c", "h_rest vs c_rest"} <= set(r["contrasts"]) and r["memory"]["entries"] > 0
+    n_rare = r["memory"]["rare_word_messages"]
+    assert ("h_rare vs c_rare" in r["contrasts"]) == (n_rare > 0)
+    assert r["contrasts"]["h_rest vs c_rest"]["nats_per_token"]["messages"] == 8 - n_rare
+    assert "memory tokens" in ev.markdown(r) and "on the other messages" in ev.markdown(r)
+
+
+def test_rare_word_reuse_by_hand():
+    t = lambda day: datetime(2020, 1, day)
+    train = [[Message(t(1), "Riya", "we went to Busan last summer"), Message(t(1), "Friend", "busan is great")],
+             [Message(t(2), "Friend", "my cousin Tomasz is visiting"), Message(t(2), "Riya", "nice, summer plans")]]
+    held = [[Message(t(9), "Friend", "tomasz says hi"), Message(t(9), "Friend", "summer is coming"),
+             Message(t(9), "Riya", "going back to busan"), Message(t(9), "Friend", "I love busan")]]
+    tags = {"Riya": "[RIYA]", "Friend": "[FRIEND]"}
+    # FRIEND wrote busan and tomasz before (each in at most 2 training messages); "summer" is in 2 as well,
+    # but FRIEND never wrote it.
+    assert ev.rare_reuse(train, held, tags, "[FRIEND]", max_messages=2) == {(0, 0), (0, 3)}
+    assert ev.rare_reuse(train, held, tags, "[RIYA]", max_messages=2) == {(0, 2)}
+    assert ev.rare_reuse(train, held, tags, "[FRIEND]", max_messages=1) == {(0, 0)}  # busan is in 2 messages
+
+
+def test_the_memory_retriever_gives_dated_lines_from_before_the_context_only(chat):
+    import memory
+
+    _, tok, _, train, held = chat
+    entries = memory.supersede([e for s, session in enumerate(train) for e in memory.entries_of(session, s)])
+    assert entries
+    retrieve = ev.memory_retriever(entries, tok, 10_000)
+    context = held[0][:2]
+    got = retrieve(0, context) + retrieve(0, [Message(context[-1].time, "Riya", entries[0].text[:40])])
+    train_times = {m.time for s in train for m in s}
+    assert got and all(m.time in train_times and m.time < context[-1].time for m in got)
+    assert all(m.text.startswith(f"({m.time.isoformat()[:10]}) ") for m in got)
+    assert retrieve(0, []) == []
+
+
+def test_the_consistency_test_reads_agreement_by_content_words(tiny_chat_dir, monkeypatch):
+    import memory
+    from model import load_checkpoint, load_tokenizer
+
+    entries = [memory.Entry("Friend", "i'm originally from korea", datetime(2020, 1, 1).isoformat(), 0, "origin", "origin")]
+    answers = iter([["korea for sure", "from korea", "utah"], ["seoul, korea", "korea", "korea lol"]])
+    monkeypatch.setattr(ev.sample, "generate", lambda *a, **k: next(answers))
+    model, tok = load_checkpoint(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
+    r = ev.consistency(model, tok, entries, {"Riya": "[RIYA]", "Friend": "[FRIEND]"}, n_seeds=3, seed=0)
+    assert r["facts"] == 1
+    assert r["without memory"] == {"agrees_with_memory": pytest.approx(2 / 3), "agree_with_each_other": pytest.approx(1 / 3)}
+    assert r["with memory"] == {"agrees_with_memory": 1.0, "agree_with_each_other": 1.0}
+    assert r["examples"][0]["question"] == "[RIYA] where are you from again?"
 
 
 @pytest.mark.parametrize("args, says", [

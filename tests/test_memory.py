@@ -90,14 +90,14 @@ def test_recall_ranks_by_relevance_plus_recency_as_by_hand_and_honours_the_budge
     assert by_hand[2] == 0  # biscuit shares no word with the context
     tok = WordTokenizer()
     cost = lambda e: len(tok.encode(memory.render(e) + "\n"))
-    everything = memory.recall(entries, [context], now, tok, budget=10_000)
-    assert everything == [memory.render(entries[i]) for i in (0, 1, 3)]  # relevant ones, in time order
+    lines = lambda **kw: [memory.render(e) for e in memory.recall(entries, [context], tok=tok, **kw)]
+    assert lines(now=now, budget=10_000) == [memory.render(entries[i]) for i in (0, 1, 3)]  # relevant, in time order
     best_first = [entries[i] for i in np.argsort(-by_hand) if by_hand[i] > 0]
     budget = cost(best_first[0]) + cost(best_first[1]) - 1  # room for the best, not the second too
-    lines = memory.recall(entries, [context], now, tok, budget=budget)
-    assert memory.render(best_first[0]) in lines and memory.render(best_first[1]) not in lines
-    assert sum(len(tok.encode(l + "\n")) for l in lines) <= budget
-    assert memory.recall(entries, [context], at(10), tok) == [memory.render(entries[0])]  # nothing from the future
+    kept = lines(now=now, budget=budget)
+    assert memory.render(best_first[0]) in kept and memory.render(best_first[1]) not in kept
+    assert sum(len(tok.encode(line + "\n")) for line in kept) <= budget
+    assert memory.recall(entries, [context], at(10), tok) == [entries[0]]  # nothing from the future
     assert memory.render(entries[1]) == "[RIYA] (2020-01-21) my sister lives in korea"
 
 
