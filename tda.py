@@ -719,11 +719,14 @@ def first_source_rank(scores, is_source, generator) -> torch.Tensor:
 
 def method_scores(model, tok, examples, queries, layers, batch_size, grad_dims, damping, seed, index=None) -> dict:
     """{method: (Q, N) scores} of every method for queries against examples (both lists of prep.Example):
-    BM25 over their text (context and target), random, activations and the logit lens at each layer and
+    BM25 over their text (context and target) and over their targets alone, random, activations and the logit lens at each layer and
     pooling, and the two gradient methods. index: the examples' pooled vectors and gradients, if already
     computed ({"pooled", "grads"})."""
     bm25 = BM25([words(e.text) for e in examples])
+    # Also BM25 over the targets alone: what a method that reads only the words the loss covered can do.
+    on_targets = BM25([words(e.text[e.cut :]) for e in examples])
     out = {"BM25": torch.tensor(np.stack([bm25.scores(words(q.text)) for q in queries])).float(),
+           "BM25 targets": torch.tensor(np.stack([on_targets.scores(words(q.text)) for q in queries])).float(),
            "random": torch.rand(len(queries), len(examples), generator=torch.Generator().manual_seed(seed))}
     rows = lambda xs: [(x.tokens, x.loss_mask) for x in xs]
     index = index or {}
@@ -1005,7 +1008,8 @@ def evaluate_tail_patch(opts: Options) -> dict:
     pooled = {k: v[rows] for k, v in index.items() if k.startswith(("act.", "lens."))}
     scores = method_scores(model, tok, candidates, queries, settings["layers"], opts.batch_size,
                            settings["grad_dims"], opts.damping, settings["grad_seed"], {"pooled": pooled, "grads": grads})
-    methods = ["BM25"] + [m for m in scores if m.startswith(("act mean", "lens mean"))] + ["grad cos", "grad precond"]
+    methods = ["BM25", "BM25 targets"] + [m for m in scores if m.startswith(("act mean", "lens mean"))] + \
+        ["grad cos", "grad precond"]
     rng, top = random.Random(opts.seed), min(opts.top, len(patched))
     saved = snapshot(params, optimizer)
     gains = defaultdict(list)  # method (and "random", "the reply itself") -> per reply, mean gain of its top
