@@ -472,12 +472,13 @@ def test_an_adapter_trained_at_max_len_1024_is_evaluated_at_1024_unless_a_flag_s
                       turing_train=4, turing_samples=1, who_said=3,
                       out=str(tmp_path / "e.json"))
     r = ev.evaluate(opts)  # no --data, no --max-len: both from the adapter's training.json
-    # short-context examples at 1024, and (e), (f) with room for the retrieved messages on top
-    assert set(seen) == {1024, 1024 + 512} and r["settings"]["max_len"] == 1024 and r["settings"]["context_messages"] == 3
+    # short-context examples at 1024, (e), (f) with room for the retrieved messages on top, (h) for the memory's
+    assert set(seen) == {1024, 1024 + 512, 1024 + 256} and r["settings"]["max_len"] == 1024
+    assert r["settings"]["context_messages"] == 3
     assert r["settings"]["data"] == str(small_chat) and r["settings"]["adapter"] == str(tmp_path / "run" / "adapter")
     seen.clear()
     assert ev.evaluate(ev.Options(**{**vars(opts), "max_len": 256}))["settings"]["max_len"] == 256
-    assert set(seen) == {256, 256 + 512}
+    assert set(seen) == {256, 256 + 512, 256 + 256}
 
 
 # ---------------------------------------------------------------------------------------------------
