@@ -96,6 +96,24 @@ def test_steering_in_cached_decoding_equals_steering_in_a_full_forward(tiny, smo
     assert reply != sample.generate(model, tok, [prompt], opts)[0]
 
 
+def test_perplexity_through_a_shared_prompt_cache_equals_scoring_each_row_alone(smol):
+    model, tok = smol
+    prompts = ["[RIYA] how was your day?\n[FRIEND]", "[RIYA] hi\n[FRIEND] hey\n[RIYA] what's up with you lately?\n[FRIEND]"]
+    asked = [prompts[0], prompts[1], prompts[0], prompts[1], prompts[0]]
+    replies = ["great thanks", "not much, work mostly and you?", "", "ok", "tired but good, you"]
+    nll, count = 0.0, 0
+    for p, r in zip(asked, replies):  # the oracle: one unpadded forward over prompt + reply per row
+        if r:
+            prompt, reply = tok.encode(p), tok.encode(" " + r, start=False)
+            tokens = torch.tensor([prompt + reply])
+            scored = torch.tensor([[False] * len(prompt) + [True] * len(reply)])
+            lp = steer.scored_logprobs(model, tokens, scored)
+            nll, count = nll - lp.sum().item(), count + len(lp)
+    direct = torch.tensor(nll / count).exp().item()
+    assert steer.perplexity(model, tok, asked, replies, chunk=3) == pytest.approx(direct, rel=1e-4)
+    assert steer.perplexity(model, tok, asked[:1], [""]) == float("inf")
+
+
 def test_alphas_push_by_r_along_the_contrast_and_t_along_the_common_mean():
     v_pos, v_neg = torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(0))
     vectors, norms = {"mean": (v_pos, v_neg)}, torch.tensor([7.0])
@@ -263,6 +281,8 @@ def test_the_random_control_has_the_vectors_norm_and_site_and_the_prompt_changes
             assert r["hooks"] is None and r["line"].startswith("[FRIEND] ")
             assert len(r["line"].splitlines()) == abs(r["alpha"])
     assert sorted(r["alpha"] for r in rows if r["condition"] == "prompt") == [-1, 1, 2]
+    assert sorted(r["alpha"] for r in rows if r["condition"] == "random") == [-1, 2]  # |alpha| >= 1 only
+    assert sorted(r["alpha"] for r in rows if r["condition"] == "vector") == [-1, 0.5, 2]
     assert [r["condition"] for r in rows].count("unsteered") == 1
     prompt = "[RIYA] hi\n[RIYA] how was your day?\n[FRIEND]"
     assert steer.with_line(prompt, "[FRIEND] today was great") == \
@@ -281,7 +301,8 @@ def test_eval_runs_end_to_end_on_a_vector_and_writes_its_table(tiny_chat_dir, ti
                          sample_tokens=4, alphas="-1,0,1", bootstrap=200)
     r = steer.evaluate(opts)
     kinds = sorted((x["condition"], x["alpha"]) for x in r["rows"])
-    assert kinds == [("prompt", -1), ("prompt", 1), ("random", -1), ("random", 1), ("unsteered", 0), ("vector", -1), ("vector", 1)]
+    assert kinds == [("prompt", -1), ("prompt", 1), ("random", -1), ("random", 1), ("unsteered", 0), ("vector", -1),
+                     ("vector", 1)]
     assert r["settings"]["prompts"] == 8 + 3 and r["settings"]["held_out_messages"] == 8
     for x in r["rows"]:
         assert len(x["vader_per_prompt"]) == 11 and x["vader"]["interval"][0] <= x["vader"]["mean"] <= x["vader"]["interval"][1]
