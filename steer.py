@@ -229,8 +229,8 @@ def perplexity(model, tok, prompts, replies, chunk=32) -> float:
     """exp(mean NLL per token) of the replies after their prompts under model as it is (no hooks).
 
     Each distinct prompt runs once into a KV cache whose copies then score its replies: eval asks for
-    8 short replies to each long prompt, so scoring prompt + reply row by row ran every prompt 8 times
-    and was most of eval's time. The tokens are the same as one forward over prompt + reply: the prompt
+    8 short replies to each long prompt, and scoring prompt + reply row by row ran every prompt 8 times.
+    The tokens are the same as one forward over prompt + reply: the prompt
     encoded as a document, the reply as its continuation."""
     rows = [(p, tok.encode(" " + r, start=False)) for p, r in zip(prompts, replies) if r]
     if not rows:
@@ -553,8 +553,8 @@ def parse_alphas(text: str) -> list[float]:
 
 def conditions(meta, v_pos, v_neg, alphas, data, speaker, seed) -> list[dict]:
     """Every (condition, alpha) to sample: the saved vector at each alpha (0 once: unsteered) and a
-    random direction of the same norm at the same site at each |alpha| >= 1; and the prompt baseline at each distinct
-    ceil(|alpha|): that many of the pairs' positive statements (negative ones for alpha < 0) as the
+    random direction of the same norm at the same site at each |alpha| >= 1; and the prompt baseline
+    at each distinct ceil(|alpha|): that many of the pairs' positive statements (negative ones for alpha < 0) as the
     replier's own lines before their turn."""
     push = meta["alpha_pos"] * v_pos.float() - meta["alpha_neg"] * v_neg.float()  # (D,) alpha 1 of the vector
     g = torch.Generator().manual_seed(seed)
