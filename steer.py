@@ -230,8 +230,8 @@ def perplexity(model, tok, prompts, replies, chunk=32) -> float:
 
     Each distinct prompt runs once into a KV cache whose copies then score its replies: eval asks for
     8 short replies to each long prompt, and scoring prompt + reply row by row ran every prompt 8 times.
-    The tokens are the same as one forward over prompt + reply: the prompt
-    encoded as a document, the reply as its continuation."""
+    The tokens are those of one forward over prompt + reply: the prompt encoded as a document, the
+    reply as its continuation (sample.generate_ids shares a prompt's prefill the same way)."""
     rows = [(p, tok.encode(" " + r, start=False)) for p, r in zip(prompts, replies) if r]
     if not rows:
         return float("inf")  # nothing but empty replies is no sign of coherence
@@ -554,16 +554,16 @@ def parse_alphas(text: str) -> list[float]:
 def conditions(meta, v_pos, v_neg, alphas, data, speaker, seed) -> list[dict]:
     """Every (condition, alpha) to sample: the saved vector at each alpha (0 once: unsteered) and a
     random direction of the same norm at the same site at each |alpha| >= 1; and the prompt baseline
-    at each distinct ceil(|alpha|): that many of the pairs' positive statements (negative ones for alpha < 0) as the
-    replier's own lines before their turn."""
+    at each distinct ceil(|alpha|): that many of the pairs' positive statements (negative ones for
+    alpha < 0) as the replier's own lines before their turn."""
     push = meta["alpha_pos"] * v_pos.float() - meta["alpha_neg"] * v_neg.float()  # (D,) alpha 1 of the vector
     g = torch.Generator().manual_seed(seed)
     random_push = torch.randn(push.shape, generator=g).to(push.device)
     random_push = random_push * push.norm() / random_push.norm()
     site = f"resid.{meta['steer_layer']}"
     out = [{"condition": "unsteered", "alpha": 0.0, "hooks": None, "line": "", "push_norm": 0.0}]
-    # The control runs where the claim is made (|alpha| >= 1), not at every alpha: a condition is a
-    # fifteenth of eval's time, and a random push that moves nothing at 1 and 2 moves nothing between.
+    # The control runs where the claims are made (|alpha| >= 1), not at every alpha: each condition
+    # costs as much as any other, and the small alphas of a random push add little to the comparison.
     strong = [a for a in alphas if abs(a) >= 1] or alphas
     for name, p, at in (("vector", push, alphas), ("random", random_push, strong)):
         for a in at:

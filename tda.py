@@ -719,8 +719,8 @@ def first_source_rank(scores, is_source, generator) -> torch.Tensor:
 
 def method_scores(model, tok, examples, queries, layers, batch_size, grad_dims, damping, seed, index=None) -> dict:
     """{method: (Q, N) scores} of every method for queries against examples (both lists of prep.Example):
-    BM25 over their text (context and target) and over their targets alone, random, activations and the logit lens at each layer and
-    pooling, and the two gradient methods. index: the examples' pooled vectors and gradients, if already
+    BM25 over their text (context and target) and over their targets alone, random, activations and the
+    logit lens at each layer and pooling, and the two gradient methods. index: the examples' pooled vectors and gradients, if already
     computed ({"pooled", "grads"})."""
     bm25 = BM25([words(e.text) for e in examples])
     # Also BM25 over the targets alone: what a method that reads only the words the loss covered can do.
