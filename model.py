@@ -154,12 +154,14 @@ def attention_mask(key_valid, start: int, window: int | None):
 
 class KVCache:
     """Keys and values of every layer for max_len positions, allocated once by the caller and written by
-    index as tokens arrive, so decoding never reallocates. Pass it to every forward of one generation."""
+    index as tokens arrive, so decoding never reallocates. Pass it to every forward of one generation.
+    One tensor per layer, not one for all: a write into layer i+1 must not count as a change to what
+    layer i saved for its backward, so gradients can flow through a prefix's cache (prefill_once)."""
 
     def __init__(self, cfg: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real, not pad
         self.length = 0  # slots filled so far
 
@@ -167,8 +169,8 @@ class KVCache:
         """A cache of these batch rows (repeats allowed), copied: one prefill serves several samples of
         the same prompt."""
         new = object.__new__(KVCache)
-        new.k, new.v, new.valid = self.k[:, index].clone(), self.v[:, index].clone(), self.valid[index].clone()
-        new.length = self.length
+        new.k, new.v = [k[index] for k in self.k], [v[index] for v in self.v]  # indexing by a list copies
+        new.valid, new.length = self.valid[index], self.length
         return new
 
 
@@ -222,7 +224,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:  # write the new keys/values into the cache, then attend over all of it
-            k_cache, v_cache = kv  # (B, K, max_len, Hd) each
+            k_cache, v_cache = kv  # (B, K, max_len, Hd) each, this layer's
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, K, S, Hd)
@@ -303,7 +305,7 @@ class Mistral(nn.Module):
                 raise ValueError(f"KV cache holds {cache.valid.shape[1]} positions; {start + T} needed")
             cache.valid[:, start : start + T] = real
             key_valid = cache.valid[:, : start + T]  # (B, S)
-            kv = [(cache.k[i], cache.v[i]) for i in range(cfg.n_layers)]
+            kv = list(zip(cache.k, cache.v))
         # Positions count real tokens only, so a left-padded sequence gets the same positions (and
         # logits) as unpadded. A padding token's position is never used.
         positions = key_valid[:, :start].sum(-1, keepdim=True) + real.cumsum(-1) - 1  # (B, T)
@@ -386,6 +388,52 @@ def scored_logprobs(model, tokens, scored, mask=None, hooks=None, checkpoint=Fal
     pick = scored[:, 1:]
     unembed = getattr(model, "module", model).unembed  # DistributedDataParallel wraps our model as .module
     return token_logprobs(unembed(h[pick]) / temperature, tokens[:, 1:][pick])  # (N,)
+
+
+def prefill_once(model, prompt_ids: list[list[int]], room: int, hooks=None):
+    """Each distinct prompt (token ids) run once, left-padded so all end at one position, into a KV cache
+    with room for `room` more tokens; then that cache and the prompts' last final normed stream copied
+    to one row per entry of prompt_ids. -> (cache, last (B, D)). Rows that repeat a prompt (several
+    samples of one reply, several replies scored after one context) share its single prefill, which is
+    most of the work when short replies follow long prompts. Gradients flow through it when enabled:
+    a shared prompt's keys and values feed every row copied from it, and autograd sums their gradients."""
+    device = model.embed_tokens.weight.device
+    distinct = {p: u for u, p in enumerate(dict.fromkeys(map(tuple, prompt_ids)))}  # prompt -> its prefill row
+    tokens, mask = pad([list(p) for p in distinct], left=True, device=device)  # (U, T)
+    cache = KVCache(model.cfg, len(distinct), tokens.shape[1] + room, device, model.embed_tokens.weight.dtype)
+    last = model(tokens, mask=mask, cache=cache, hooks=hooks, unembed=False)[:, -1]  # (U, D)
+    which = [distinct[tuple(p)] for p in prompt_ids]
+    # Copied whenever a gradient may flow: writing later tokens into the very tensors this prefill's
+    # attention saved for its backward would invalidate them.
+    if torch.is_grad_enabled() or which != list(range(len(distinct))):
+        cache, last = cache.rows(which), last[which]
+    return cache, last
+
+
+def continuation_states(model, prefixes: list[list[int]], continuations: list[list[int]], hooks=None):
+    """The final normed stream at every position that predicts a continuation token, (N, D) for the N
+    tokens of all continuations, row after row: token 0 of a continuation is predicted by its prefix's
+    last position, token t by its token t - 1. The same numbers as one forward over prefix +
+    continuation (to rounding), with each distinct prefix run once (prefill_once). Continuations are
+    right-padded after the prefix; pads come after every real token, so no real token sees them."""
+    device = model.embed_tokens.weight.device
+    R = max(len(c) for c in continuations)
+    cache, last = prefill_once(model, prefixes, R, hooks)
+    cont, real = pad(continuations, device=device)  # (B, R)
+    if R > 1:  # the last token predicts nothing we score
+        h = model(cont[:, :-1], mask=real[:, :-1], cache=cache, hooks=hooks, unembed=False)  # (B, R-1, D)
+        h = torch.cat([last[:, None], h], dim=1)  # (B, R, D): position t predicts token t
+    else:
+        h = last[:, None]
+    return h[real]  # (N, D)
+
+
+def continuation_logprobs(model, prefixes, continuations, temperature=1.0, hooks=None):
+    """log p of each continuation token after its prefix and the tokens before it, in fp32: (N,), row
+    after row (see continuation_states). temperature as in scored_logprobs."""
+    targets = torch.tensor([t for c in continuations for t in c], device=model.embed_tokens.weight.device)
+    return token_logprobs(model.unembed(continuation_states(model, prefixes, continuations, hooks)) / temperature,
+                          targets)
 
 
 # Tokenizers: one small interface (encode, decode, bos_id, eos_id) over two libraries.

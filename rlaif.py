@@ -332,10 +332,8 @@ def revise(opts: Options) -> dict:
 
 def sample_batches(model, tok, prompt_ids: list[list[int]], seed: int, batch_size: int, desc: str) -> list:
     """One SAMPLING reply (sample.Reply: ids kept as sampled) per prompt, in seeded batches."""
-    ends, out = sample.turn_ends(tok), []
-    for j in cli.progress(range(0, len(prompt_ids), batch_size), desc=desc, unit="batch", leave=False):
-        out += sample.generate_ids(model, prompt_ids[j : j + batch_size], replace(SAMPLING, seed=seed + j), ends)
-    return out
+    return sample.generate_in_batches(model, prompt_ids, replace(SAMPLING, seed=seed), sample.turn_ends(tok),
+                                      batch_size, desc)
 
 
 def pair_row(x: dict, a_ids, b_ids, label, kind, tok) -> dict:

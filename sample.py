@@ -31,8 +31,8 @@ from safetensors import SafetensorError, safe_open
 import lora
 import memory as mem  # as mem: Options.memory is the flag
 import sft
-from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
-from model import KVCache, add, pad
+from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options, progress
+from model import add, pad, prefill_once
 from prep import TAG_LINE, one_line, read_export, tag
 
 
@@ -177,16 +177,9 @@ def generate_ids(model, prompt_ids: list[list[int]], opts: Options, ends=None, h
     history = torch.cat([torch.where(mask, tokens, tokens[:, -1:]),
                          torch.zeros(B, opts.max_new_tokens, dtype=torch.long, device=device)], dim=1)
     generator = torch.Generator(device).manual_seed(opts.seed)
-    # Each distinct prompt is run once; rows that repeat a prompt (several samples of one reply) copy
-    # its keys and values. Prefill is most of the time when short replies follow long prompts.
-    distinct = list(dict.fromkeys(map(tuple, prompt_ids)))
-    first_row = {p: j for j, p in reversed(list(enumerate(map(tuple, prompt_ids))))}
-    once = [first_row[p] for p in distinct]  # (U,) the batch row of each distinct prompt
-    cache = KVCache(model.cfg, len(once), T + opts.max_new_tokens, device, model.embed_tokens.weight.dtype)
-    last = model(tokens[once], mask=mask[once], cache=cache, hooks=hooks, unembed=False)[:, -1]
-    if len(once) < B:
-        which = [distinct.index(tuple(p)) for p in prompt_ids]
-        cache, last = cache.rows(which), last[which]
+    # Each distinct prompt is run once; rows that repeat it (several samples of one reply) copy its keys
+    # and values. Prefill is most of the time when short replies follow long prompts.
+    cache, last = prefill_once(model, prompt_ids, opts.max_new_tokens, hooks)
     logits = model.unembed(last)  # (B, V): only the last position's logits are needed
     logp = torch.zeros(B, opts.max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -214,6 +207,21 @@ def generate_ids(model, prompt_ids: list[list[int]], opts: Options, ends=None, h
     lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, n).tolist()
     return [Reply(row[:k], scores[:k], ended)
             for row, scores, ended, k in zip(new[:, :n].tolist(), logp[:, :n].tolist(), done.tolist(), lengths)]
+
+
+def generate_in_batches(model, prompt_ids: list[list[int]], opts: Options, ends=None, batch_size=16,
+                        desc="sampling") -> list[Reply]:
+    """generate_ids over many prompts, batch_size at a time, taking the prompts in order of length: a
+    batch is left-padded to its longest prompt, and in chat order a batch padded to ~1.45x its real
+    tokens (600 reward-model prompts, 16 a batch). Batch j (from prompt j on) is seeded opts.seed + j;
+    the replies come back in the prompts' order."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    out = [None] * len(prompt_ids)
+    for j in progress(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        part = order[j : j + batch_size]
+        for i, r in zip(part, generate_ids(model, [prompt_ids[i] for i in part], replace(opts, seed=opts.seed + j), ends)):
+            out[i] = r
+    return out
 
 
 def reply_text(tok, prompt_ids: list[int], reply_ids: list[int]) -> str:

@@ -295,3 +295,32 @@ def test_scored_logprobs_equal_full_logits_at_the_scored_tokens_padded_either_wa
         with torch.no_grad():
             ours = scored_logprobs(tiny, tokens, scored, mask=mask if left else None)
         torch.testing.assert_close(ours, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_continuations_after_a_shared_prefix_equal_one_forward_each_in_value_and_gradient(tiny_dir):
+    # Three prefixes (one repeated three times, past the window of 4) and continuations of different
+    # lengths: log-probs and LoRA gradients must equal a plain forward over each prefix + continuation.
+    import lora
+    from model import continuation_logprobs, load_checkpoint, token_logprobs
+
+    model = load_checkpoint(tiny_dir, dtype=torch.float64)  # float64: any difference left is a bug, not rounding
+    lora.add_lora(model, r=2, alpha=4, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    a, b = random_tokens(9, seed=11).tolist(), random_tokens(3, seed=12).tolist()
+    prefixes = [a, a, b, a]
+    conts = [random_tokens(n, seed=20 + n).tolist() for n in (5, 1, 7, 2)]
+    params = lora.lora_parameters(model)
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params)
+
+    ours = continuation_logprobs(model, prefixes, conts, temperature=0.7)
+    expected = torch.cat([token_logprobs(model(torch.tensor([p + c]))[0, len(p) - 1 : -1] / 0.7, torch.tensor(c))
+                          for p, c in zip(prefixes, conts)])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)  # log-probs are taken in fp32
+    weights = torch.linspace(-1, 1, len(expected))  # any loss that weighs every token differently
+    for g_ours, g_expected in zip(grads((ours * weights).sum()), grads((expected * weights).sum())):
+        torch.testing.assert_close(g_ours, g_expected, atol=1e-4, rtol=1e-4)

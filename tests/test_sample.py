@@ -220,3 +220,23 @@ def test_repeated_prompts_share_one_prefill_and_still_sample_exactly_what_is_sco
     with torch.no_grad():
         rescored = scored_logprobs(model, tokens, scored, mask=mask, temperature=0.9)
     torch.testing.assert_close(rescored, torch.tensor([lp for r in replies for lp in r.logprobs]), atol=1e-5, rtol=0)
+
+
+def test_batches_taken_by_length_give_each_prompt_its_own_reply_in_the_prompts_order(tiny_chat_dir):
+    from model import load_tokenizer
+
+    model, tok = load_checkpoint(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
+    texts = ["[RIYA] a much longer opening line than any other here\n[FRIEND]", "[RIYA]", "[FRIEND] hey\n[RIYA]",
+             "[RIYA] one two three\n[FRIEND]", "[FRIEND] ok\n[RIYA] fine\n[FRIEND]"]
+    prompts = [tok.encode(t) for t in texts]
+    greedy_opts = Options(temperature=0, max_new_tokens=6)
+    batched = sample.generate_in_batches(model, prompts, greedy_opts, batch_size=2)
+    assert [r.ids for r in batched] == [sample.generate_ids(model, [p], greedy_opts)[0].ids for p in prompts]
+    # Sampling: batch j of the length order, seeded seed + j, exactly as generate_ids samples it
+    opts = Options(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=6, seed=3)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sampled = sample.generate_in_batches(model, prompts, opts, batch_size=2)
+    for j in range(0, len(order), 2):
+        part = order[j : j + 2]
+        alone = sample.generate_ids(model, [prompts[i] for i in part], replace(opts, seed=3 + j))
+        assert [sampled[i].ids for i in part] == [r.ids for r in alone]
