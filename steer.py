@@ -15,9 +15,12 @@ statements. Steering at layer S adds alpha_pos * v_pos - alpha_neg * v_neg to re
 of the prompt and of every decoded token (ActAdd, https://arxiv.org/abs/2308.10248; contrastive
 activation addition, https://arxiv.org/abs/2312.06681). A small grid and --trials random settings of
 (L, S, pooling, alpha_pos, alpha_neg) are tried on the selection half of the file's prompts (the test
-half is eval's) under two coherence bounds against the same model unsteered: the KL divergence of
-next-token distributions on neutral chat lines (--max-kl), and the perplexity it gives to steered
-replies over the one it gives to its own (--max-ppl-ratio). Within both, the setting whose sampled
+half is eval's) under three bounds against the same model unsteered: the KL divergence of next-token
+distributions on neutral chat lines (--max-kl), the perplexity it gives to steered replies over the
+one it gives to its own (--max-ppl-ratio), and the cost to the person, the rise in NLL of the
+replier's real messages from the training sessions (--max-nll-rise; the KL on neutral lines did not
+predict it: eval measured +0.13 nats/token on held-out messages for a setting at KL 0.06 of the 0.2
+allowed). Within all three, the setting whose sampled
 replies VADER finds happiest is saved to out/steer/NAME.safetensors (tensors v_pos, v_neg; metadata:
 model, adapter, layers, pooling, alphas, scores on both halves) and a few of its replies are printed
 next to unsteered ones. (The first-token concept score, log p(a positive concept word opens the
@@ -53,7 +56,7 @@ import eval as ev
 import sample
 import sft
 from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
-from model import KVCache, add, capture, pad, scored_logprobs, token_logprobs
+from model import add, capture, continuation_logprobs, pad, scored_logprobs
 from prep import TAG_LINE, build_examples, load_pair
 
 COMMANDS = ("search", "probe", "eval")
@@ -77,6 +80,11 @@ class Options:
                              "lines, in nats", POSITIVE] = 0.2
     max_ppl_ratio: Annotated[float, "coherence bound: perplexity of steered replies under the unsteered "
                                     "model, over that of unsteered replies", POSITIVE] = 2.0
+    max_nll_rise: Annotated[float, "bound on the cost to the person: the rise in mean NLL per token of real "
+                                   "messages of the replier from the training sessions (eval measures held-out "
+                                   "ones), in nats", POSITIVE] = 0.03
+    cost_messages: Annotated[int, "search, probe: training-session messages of the replier for that bound",
+                             Range(1)] = 16
     sample_tokens: Annotated[int, "longest reply sampled for the perplexity check, in tokens", Range(1)] = 20
     layer: Annotated[int, "probe: the site resid.L it reads and steers; -1 = the middle layer", Range(-1)] = -1
     l2: Annotated[float, "probe: L2 penalty on its weights", Range(0)] = 1e-2
@@ -227,30 +235,17 @@ def kl_divergence(reference, steered) -> float:
 @torch.inference_mode()
 def perplexity(model, tok, prompts, replies, chunk=32) -> float:
     """exp(mean NLL per token) of the replies after their prompts under model as it is (no hooks).
-
-    Each distinct prompt runs once into a KV cache whose copies then score its replies: eval asks for
-    8 short replies to each long prompt, and scoring prompt + reply row by row ran every prompt 8 times.
     The tokens are those of one forward over prompt + reply: the prompt encoded as a document, the
-    reply as its continuation (sample.generate_ids shares a prompt's prefill the same way)."""
-    rows = [(p, tok.encode(" " + r, start=False)) for p, r in zip(prompts, replies) if r]
+    reply as its continuation. eval asks for 8 short replies to each long prompt, so each distinct
+    prompt in a chunk runs once and its replies share it (model.continuation_logprobs)."""
+    rows = [(tok.encode(p), tok.encode(" " + r, start=False)) for p, r in zip(prompts, replies) if r]
     if not rows:
         return float("inf")  # nothing but empty replies is no sign of coherence
-    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-    distinct = {p: u for u, p in enumerate(dict.fromkeys(p for p, _ in rows))}  # prompt -> its cache row
-    tokens, mask = pad([tok.encode(p) for p in distinct], left=True, device=device)  # (U, T): all end at T
-    cache = KVCache(model.cfg, len(distinct), tokens.shape[1] + max(len(r) for _, r in rows), device, dtype)
-    first = model.unembed(model(tokens, mask=mask, cache=cache, unembed=False)[:, -1])  # (U, V): predicts token 0
-    nll, count = 0.0, 0
+    nll = 0.0
     for j in range(0, len(rows), chunk):
-        part = rows[j : j + chunk]
-        which = [distinct[p] for p, _ in part]
-        reply, real = pad([r for _, r in part], device=device)  # (b, R) right-padded: pads after a reply are unseen
-        h = model(reply, mask=real, cache=cache.rows(which), unembed=False)  # (b, R, D): position t predicts t + 1
-        nll -= token_logprobs(first[which], reply[:, 0]).sum().item()
-        later = real[:, 1:]  # (b, R-1): the reply tokens after the first
-        nll -= token_logprobs(model.unembed(h[:, :-1][later]), reply[:, 1:][later]).sum().item()
-        count += real.sum().item()
-    return math.exp(nll / count)
+        prompt_ids, reply_ids = zip(*rows[j : j + chunk])
+        nll -= continuation_logprobs(model, prompt_ids, reply_ids).sum().item()
+    return math.exp(nll / sum(len(r) for _, r in rows))
 
 
 def sampling(opts: Options):
@@ -275,23 +270,27 @@ def unsteered(model, tok, data, opts: Options) -> dict:
     words = concept_words(tok, data)
     return {"words": words, "concept": concept_score(model, tok, data["prompts"], words),
             "neutral": next_token_logprobs(model, tok, data["neutral"]),
-            "ppl": perplexity(model, tok, asked, replies), "reply_score": vader(replies).mean().item()}
+            "ppl": perplexity(model, tok, asked, replies), "reply_score": vader(replies).mean().item(),
+            "nll": held_out_nll(model, tok, data["cost"])}
 
 
 def score(model, tok, data, ref: dict, hooks, opts: Options) -> dict:
     """One steering setting (as hooks): its first-token concept score, KL, and, when the KL is within
-    its bound, the whole-reply score (VADER over sampled replies) and perplexity ratio; whether both
-    bounds hold. Replies are sampled only when the KL is within bounds: otherwise the setting is out
-    already and sampling is most of the time a setting takes."""
+    its bound, the whole-reply score (VADER over sampled replies) and perplexity ratio, and when that
+    too is within bounds, the rise in NLL of the replier's real messages (data["cost"]); whether all
+    three bounds hold. Each later measure runs only when the earlier bounds hold: a setting already
+    out costs no more time."""
     concept = concept_score(model, tok, data["prompts"], ref["words"], hooks)
     kl = kl_divergence(ref["neutral"], next_token_logprobs(model, tok, data["neutral"], hooks))
-    ratio = reply_score = None
+    ratio = reply_score = nll_rise = None
     if kl <= opts.max_kl:
         asked, replies = replies_to(model, tok, data["prompts"], opts, hooks)
         ratio = perplexity(model, tok, asked, replies) / ref["ppl"]
         reply_score = vader(replies).mean().item()
-    ok = kl <= opts.max_kl and ratio is not None and ratio <= opts.max_ppl_ratio
-    return {"concept": concept, "reply_score": reply_score, "kl": kl, "ppl_ratio": ratio, "ok": ok}
+    if ratio is not None and ratio <= opts.max_ppl_ratio:
+        nll_rise = held_out_nll(model, tok, data["cost"], hooks) - ref["nll"]
+    ok = nll_rise is not None and nll_rise <= opts.max_nll_rise
+    return {"concept": concept, "reply_score": reply_score, "kl": kl, "ppl_ratio": ratio, "nll_rise": nll_rise, "ok": ok}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,6 +370,7 @@ def search(opts: Options) -> dict:
     data = {**data, "prompts": selection}  # the test half is eval's alone
     tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
+    data["cost"] = spread(replier_examples(tuned, replier(selection), False, opts), opts.cost_messages)
     vectors = contrast_vectors(model, tok, data["pairs"])
     norms = pooled_streams(model, tok, data["prompts"])["norm"].mean(1)  # (L,): the stream's mean norm
     ref = unsteered(model, tok, data, opts)
@@ -401,7 +401,8 @@ def search(opts: Options) -> dict:
             "selection_reply_score": best["reply_score"], "unsteered_selection_reply_score": ref["reply_score"],
             "test_reply_score": result["test"]["reply_score"],
             "unsteered_test_reply_score": result["test"]["unsteered_reply_score"],
-            "ppl_ratio": best["ppl_ratio"], "max_kl": opts.max_kl, "max_ppl_ratio": opts.max_ppl_ratio})
+            "ppl_ratio": best["ppl_ratio"], "nll_rise": best["nll_rise"], "max_kl": opts.max_kl,
+            "max_ppl_ratio": opts.max_ppl_ratio, "max_nll_rise": opts.max_nll_rise})
         site, a_pos, a_neg = f"resid.{best['steer']}", best["alpha_pos"], best["alpha_neg"]
         label = path.stem
         result["samples"] = replies_side_by_side(model, tok, data["prompts"][:3], {
@@ -418,15 +419,16 @@ def markdown(result: dict) -> str:
            f"selection half of the prompts. Unsteered: reply score (VADER) {u['reply_score']:.3f}, first-token "
            f"concept score {u['concept']:.2f}, perplexity of its replies {u['ppl']:.2f}. r, t: the push along "
            "v_pos - v_neg and along their mean, as fractions of the stream's norm. Best reply score within the "
-           "bounds first; '-' = not sampled (the KL already rules it out).", "",
-           "| extract | steer | pooling | r | t | alpha_pos | alpha_neg | reply score | concept | KL | ppl ratio | ok |",
-           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "bounds first; '-' = not measured (an earlier bound already rules it out).", "",
+           "| extract | steer | pooling | r | t | alpha_pos | alpha_neg | reply score | concept | KL | ppl ratio | NLL rise | ok |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     key = lambda r: (not r["ok"], -(r["reply_score"] if r["reply_score"] is not None else -math.inf), -r["concept"])
     for r in sorted(result["rows"], key=key):
         ratio = "-" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         reply = "-" if r["reply_score"] is None else f"{r['reply_score']:.3f}"
+        rise = "-" if r.get("nll_rise") is None else f"{r['nll_rise']:+.3f}"
         out.append(f"| {r['extract']} | {r['steer']} | {r['pooling']} | {r['r']:.2f} | {r['t']:+.2f} | "
-                   f"{r['alpha_pos']:.3f} | {r['alpha_neg']:.3f} | {reply} | {r['concept']:.2f} | {r['kl']:.3f} | {ratio} | "
+                   f"{r['alpha_pos']:.3f} | {r['alpha_neg']:.3f} | {reply} | {r['concept']:.2f} | {r['kl']:.3f} | {ratio} | {rise} | "
                    f"{'yes' if r['ok'] else 'no'} |")
     return "\n".join(out)
 
@@ -497,20 +499,37 @@ def spearman(a, b) -> float:
 # ---------------------------------------------------------------------------------------------------
 # eval: the saved vector against a random direction and a prompt, on prompts the search never saw.
 
+def replier(prompts: list[str]) -> str:
+    """The tag every prompt ends with: whose reply is steered."""
+    return prompts[0].splitlines()[-1].strip()
+
+
+def spread(xs: list, n: int) -> list:
+    """n items spread evenly over xs (all of them if fewer)."""
+    return xs[:: max(1, len(xs) // n)][:n]
+
+
+def replier_examples(tuned, speaker: str, held_out: bool, opts: Options) -> list:
+    """The examples (prep.build_examples, with the adapter's data settings) whose reply is speaker's:
+    from the held-out sessions (eval's cost) or the training ones (the search's bound, so that eval's
+    cost is measured on messages the search never saw)."""
+    settings = sft.data_settings(tuned.training, type("Flags", (), {})())
+    messages, _ = load_pair(settings.data)
+    split = build_examples(messages, tuned.tok, settings.context_messages, settings.session_gap_hours,
+                           settings.val_frac, settings.max_len)[1 if held_out else 0]
+    theirs = [e for e in split if e.text[: e.cut].endswith("\n" + speaker) or e.text[: e.cut] == speaker]
+    if not theirs:
+        raise BadInput(f"--pairs {opts.pairs}: its prompts' replier {speaker} never writes in the "
+                       f"{'held-out' if held_out else 'training'} sessions of {settings.data}")
+    return theirs
+
+
 def eval_prompts(data, tuned, opts: Options) -> tuple[list[str], str, list]:
     """(the test prompts: the pairs file's test half and real contexts from held-out sessions, each
     ending in the replier's tag; that tag; held-out examples of the replier, whose NLL is the cost)."""
     _, test = split_prompts(data["prompts"], opts.seed)
-    speaker = test[0].splitlines()[-1].strip()
-    settings = sft.data_settings(tuned.training, type("Flags", (), {})())
-    messages, _ = load_pair(settings.data)
-    _, held_out = build_examples(messages, tuned.tok, settings.context_messages, settings.session_gap_hours,
-                                 settings.val_frac, settings.max_len)
-    theirs = [e for e in held_out if e.text[: e.cut].endswith("\n" + speaker) or e.text[: e.cut] == speaker]
-    if not theirs:
-        raise BadInput(f"--pairs {opts.pairs}: its prompts' replier {speaker} never writes in the held-out sessions "
-                       f"of {settings.data}")
-    spread = lambda xs, n: xs[:: max(1, len(xs) // n)][:n]
+    speaker = replier(test)
+    theirs = replier_examples(tuned, speaker, True, opts)
     contexts = [e.text[: e.cut] for e in spread([e for e in theirs if e.text[: e.cut] != speaker], opts.contexts)]
     return test + contexts, speaker, spread(theirs, opts.held_out)
 
@@ -523,19 +542,21 @@ def with_line(prompt: str, line: str) -> str:
 
 @torch.inference_mode()
 def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
-    """Mean NLL per token of the real replies of held-out examples (their target tokens after their
-    context), steered by hooks or with line just before the replier's tag. Every condition encodes the
+    """Mean NLL per token of the real replies of examples (their target tokens after their context;
+    held-out ones in eval, training ones for the search's bound), steered by hooks or with line just
+    before the replier's tag. Every condition encodes the
     prompt the same way (the reply's tokens kept as the example has them), so only the condition differs."""
     device = model.embed_tokens.weight.device
+    rows = []
+    for e in examples:
+        prompt = tok.encode(with_line(e.text[: e.cut], line) if line else e.text[: e.cut])
+        reply = e.tokens[e.loss_mask.index(True) :]
+        rows.append((prompt + reply, [False] * len(prompt) + [True] * len(reply)))
+    rows.sort(key=lambda r: len(r[0]))  # batches of similar lengths: less padding to compute
     nll, count = 0.0, 0
-    for j in range(0, len(examples), 16):
-        rows = []
-        for e in examples[j : j + 16]:
-            prompt = tok.encode(with_line(e.text[: e.cut], line) if line else e.text[: e.cut])
-            reply = e.tokens[e.loss_mask.index(True) :]
-            rows.append((prompt + reply, [False] * len(prompt) + [True] * len(reply)))
-        tokens, _ = pad([r for r, _ in rows], device=device)
-        scored = pad([m for _, m in rows], device=device)[0].bool()
+    for j in range(0, len(rows), 16):
+        tokens, _ = pad([r for r, _ in rows[j : j + 16]], device=device)
+        scored = pad([m for _, m in rows[j : j + 16]], device=device)[0].bool()
         lp = scored_logprobs(model, tokens, scored, hooks=hooks)
         nll, count = nll - lp.sum().item(), count + len(lp)
     return nll / count
@@ -748,6 +769,7 @@ def probe(opts: Options) -> dict:
     texts, rating = read_ratings(opts.labels)
     tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
+    data["cost"] = spread(replier_examples(tuned, replier(data["prompts"]), False, opts), opts.cost_messages)
     n = model.cfg.n_layers
     L = n // 2 if opts.layer == -1 else opts.layer
     if not 0 <= L <= n:
@@ -778,7 +800,8 @@ def probe(opts: Options) -> dict:
         "kind": "probe", "concept": concept, "source": opts.labels, "model": name, "adapter": adapter,
         "extract_layer": L, "steer_layer": L, "pooling": "mean", "alpha_pos": alpha, "alpha_neg": alpha,
         "r": opts.strength, "t": 0.0, "concept_score": scores["concept"], "unsteered_concept_score": ref["concept"],
-        "kl": scores["kl"], "ppl_ratio": scores["ppl_ratio"], "held_out_accuracy": held_out["accuracy"],
+        "kl": scores["kl"], "ppl_ratio": scores["ppl_ratio"], "nll_rise": scores["nll_rise"],
+        "held_out_accuracy": held_out["accuracy"],
         "held_out_correlation": held_out["correlation"], "l2": opts.l2})
     return {"layer": L, "examples": len(texts), "held_out": held_out, "cosine_with_pairs": cosine, "alpha": alpha,
             "unsteered_concept": ref["concept"], **scores, "path": path, "seconds": time.time() - t0}
@@ -792,15 +815,15 @@ def main():
         print(markdown(result))
         best = result["best"]
         if best is None:
-            raise BadInput(f"no setting stayed within --max-kl {opts.max_kl} and --max-ppl-ratio "
-                           f"{opts.max_ppl_ratio}; loosen them or try more --trials")
+            raise BadInput(f"no setting stayed within --max-kl {opts.max_kl}, --max-ppl-ratio {opts.max_ppl_ratio} "
+                           f"and --max-nll-rise {opts.max_nll_rise}; loosen them or try more --trials")
         ratio = best["ppl_ratio"]
         print(f"\nbest: extract resid.{best['extract']}, steer resid.{best['steer']}, {best['pooling']} pooling, "
               f"alpha_pos {best['alpha_pos']:.3f}, alpha_neg {best['alpha_neg']:.3f} (r {best['r']:.2f}, "
               f"t {best['t']:+.2f}): reply score {best['reply_score']:.3f} (unsteered "
               f"{result['unsteered']['reply_score']:.3f}; on the test half {result['test']['reply_score']:.3f} against "
               f"{result['test']['unsteered_reply_score']:.3f}), concept {best['concept']:.2f}, KL {best['kl']:.3f}, "
-              f"ppl ratio {ratio:.2f}")
+              f"ppl ratio {ratio:.2f}, NLL rise {best['nll_rise']:+.3f} nats/token")
         print_samples(result["sample_prompts"], result["samples"])
         print(f"\nwrote {result['path']}; {len(result['rows'])} settings in {result['seconds'] / 60:.1f} min")
     elif command == "eval":

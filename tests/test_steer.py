@@ -52,20 +52,34 @@ def test_alpha_zero_and_a_zero_vector_change_nothing(smol, happy):
     assert not torch.equal(model(tokens, hooks=steering(v_pos, v_neg, 0.1 * unit)), plain)  # the hook does run
 
 
+def friend_examples(tok, n=4):
+    """A few training examples whose reply is the friend's, from the start of the shipped chats."""
+    from prep import build_examples, load_pair
+
+    messages, _ = load_pair(ROOT / "data" / "convos.jsonl")
+    train, _ = build_examples(messages[:300], tok, context_messages=3)
+    return [e for e in train if e.text[: e.cut].endswith("\n[FRIEND]")][:n]
+
+
 def test_the_coherence_bounds_reject_an_absurd_alpha(smol, happy):
     model, tok = smol
     data, v_pos, v_neg, unit = happy
-    data = {**data, "prompts": data["prompts"][:4], "neutral": data["neutral"][:6]}
+    data = {**data, "prompts": data["prompts"][:4], "neutral": data["neutral"][:6], "cost": friend_examples(tok)}
     opts = steer.Options(sample_tokens=8)
     ref = steer.unsteered(model, tok, data, opts)
-    gentle = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 0.05 * unit), opts)
+    gentle = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 0.02 * unit), opts)
     absurd = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 50 * unit), opts)
     assert gentle["ok"] and gentle["kl"] < opts.max_kl
     assert not absurd["ok"] and absurd["kl"] > opts.max_kl and absurd["ppl_ratio"] is None
     # and the perplexity bound on its own, with the KL bound lifted: its replies are not chat
     lifted = steer.Options(sample_tokens=8, max_kl=float("inf"))
     absurd = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 50 * unit), lifted)
-    assert not absurd["ok"] and absurd["ppl_ratio"] > lifted.max_ppl_ratio
+    assert not absurd["ok"] and absurd["ppl_ratio"] > lifted.max_ppl_ratio and absurd["nll_rise"] is None
+    # and the cost to the person on its own: the friend's real messages get less likely
+    only_nll = steer.Options(sample_tokens=8, max_kl=float("inf"), max_ppl_ratio=float("inf"))
+    absurd = steer.score(model, tok, data, ref, steering(v_pos, v_neg, 50 * unit), only_nll)
+    assert not absurd["ok"] and absurd["nll_rise"] > only_nll.max_nll_rise
+    assert gentle["nll_rise"] <= opts.max_nll_rise
 
 
 def test_steering_in_cached_decoding_equals_steering_in_a_full_forward(tiny, smol, happy):
@@ -249,7 +263,8 @@ def test_the_search_never_sees_the_test_prompts(smol, monkeypatch, tmp_path):
     monkeypatch.setattr(sample, "generate", lambda m, t, prompts, *a, **k: calls.append(set(prompts)) or generate(m, t, prompts, *a, **k))
     monkeypatch.setattr(steer, "settings", lambda *a: [steer.Setting(10, 10, "mean", 0.1, 0.0)])
     monkeypatch.chdir(tmp_path)  # the vector lands in tmp_path/out/steer
-    opts = steer.Options(pairs=str(PAIRS), base=True, sample_tokens=4, max_kl=1e9, max_ppl_ratio=1e9)
+    opts = steer.Options(pairs=str(PAIRS), base=True, sample_tokens=4, max_kl=1e9, max_ppl_ratio=1e9, max_nll_rise=1e9,
+                         cost_messages=2)
     result = steer.search(opts)
     selection, test = (set(x) for x in steer.split_prompts(steer.read_pairs(PAIRS)["prompts"], 0))
     # Choosing: the unsteered replies and the one setting's, on the selection half; then the chosen
@@ -259,6 +274,17 @@ def test_the_search_never_sees_the_test_prompts(smol, monkeypatch, tmp_path):
     _, _, meta = sample.read_steering(result["path"])
     assert {"selection_reply_score", "test_reply_score", "unsteered_test_reply_score"} <= set(meta)
     assert float(meta["selection_reply_score"]) == result["best"]["reply_score"]
+
+
+def test_the_searchs_cost_messages_come_from_training_sessions_and_evals_from_held_out_ones(tiny_adapter, monkeypatch):
+    import sft
+
+    monkeypatch.chdir(ROOT)
+    tuned = sft.load_tuned(str(tiny_adapter), "", False)
+    opts = steer.Options(pairs=str(PAIRS))
+    train, held_out = (steer.replier_examples(tuned, "[FRIEND]", h, opts) for h in (False, True))
+    assert train and held_out and all(e.text[: e.cut].endswith("[FRIEND]") for e in train + held_out)
+    assert not {e.text for e in train} & {e.text for e in held_out}
 
 
 def test_the_random_control_has_the_vectors_norm_and_site_and_the_prompt_changes_only_the_prompt(happy):
