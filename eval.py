@@ -335,10 +335,6 @@ def restricted(scores: Scores, keys) -> Scores:
 # same answer each time, and the one the person gave?
 QUESTIONS = {"origin": "where are you from again?", "home": "where do you live now?",
              "work": "where do you work again?", "study": "what are you studying again?", "age": "how old are you again?"}
-COMMON = set("""a about again all also am an and any are as at be been but by can could did do does for from
-get got had has have he her here him his how i if im in into is it its just like me more my no not now of
-oh ok okay on one or our out really she so some than that the their them then there they this to too up us
-very was we well were what when where which who will with would yeah yes you your""".split())
 
 
 def consistency(model, tok, entries, tags, n_seeds: int, seed: int) -> dict:
@@ -351,7 +347,7 @@ def consistency(model, tok, entries, tags, n_seeds: int, seed: int) -> dict:
         return {"facts": 0}
     people = list(tags.values())
     now = max(datetime.fromisoformat(x.time) for x in entries) + timedelta(days=1)
-    content = lambda text, but=(): {w for w in words(text) if w not in COMMON and w not in but}
+    content = lambda text, but=(): set(mem.content_words(text)) - set(but)
     out = {"facts": len(facts), "seeds": n_seeds, "examples": []}
     for label, with_memory in (("without memory", False), ("with memory", True)):
         agree_memory, agree_each = [], []

@@ -11,9 +11,11 @@ dates and numbers) are kept word for word, by a small set of written rules (RULE
 on examples), with speaker, time and session; nothing is paraphrased by a model and nothing leaves the
 machine. A newer statement on a single-valued subject (age, home, origin, work, study) supersedes an
 older one; both are kept, with their times. Reading scores the current entries by BM25 relevance to the
-context plus recency (as Generative Agents, Park et al. 2023, https://arxiv.org/abs/2304.03442, sum
-normalised relevance and recency) and renders the best that fit a token budget as earlier chat lines
-of their speaker, with a short date, placed before the context. sample.py --memory reads it.
+context's content words plus recency (as Generative Agents, Park et al. 2023,
+https://arxiv.org/abs/2304.03442, sum normalised relevance and recency), puts the answer first when
+the latest line asks for a single-valued subject ("where are you from again?"), and renders the best
+that fit a token budget as earlier chat lines of their speaker, with a short date, placed before the
+context, the best nearest it. sample.py --memory reads it.
 
 Entries are JSONL (one per line), next to the adapter by default. Built from the training sessions
 only (sft.py's split), so an evaluation on the held-out sessions never finds its own answers in it.
@@ -33,7 +35,7 @@ import cli
 import lora
 import sft
 from cli import BadInput, Range, exit_on_bad_input, parse_options
-from prep import BM25, load_pair, one_line, split_sessions, tag, words
+from prep import BM25, TAG_LINE, load_pair, one_line, split_sessions, tag, words
 
 COMMANDS = ("build", "show")
 
@@ -61,12 +63,21 @@ PEOPLE = (r"mom|mother|dad|father|parents|sister|brother|siblings?|family|son|da
           r"partner|boss|coworkers?|dog|cat|puppy|pets?")
 DATES = (r"\b(?:(?:19|20)\d\d|\d{1,2}(?:st|nd|rd|th)|monday|tuesday|wednesday|thursday|friday|saturday|sunday|january|february|march|april|may|june|"
          r"july|august|september|october|november|december|tomorrow|tonight|next week|next year|last year)\b")
+# Single-valued rules are written for precision: a false "fact" there is worse than a missed one,
+# because it supersedes a true one and answers a question wrongly ("some words I live by" is not a
+# home, "i'm 5'8\"" not an age, "my job is so boring" not a workplace). tests/test_memory.py holds the
+# written true and false examples each rule was tightened against.
+AGE_END = r"(?=$|[.,!;)]| and\b| but\b| now\b| too\b| lol\b| haha\b| so\b| this\b| next\b| already\b)"
 RULES = [  # (name, pattern, subject or None)
-    ("age", rf"{I_AM} (\d{{1,2}})(?: years old| yrs| yo)?\b(?! ?(?:min|mins|minutes|hours?|hrs|%|dollars|bucks|am\b|pm\b|k\b))", "age"),
-    ("home", rf"\bi live (?:in|at|near|by|on)\b|{I_AM} living (?:in|at|near|by|on)\b|\bmy (?:house|apartment|flat|place) is\b", "home"),
-    ("origin", rf"{I_AM} (?:originally )?from\b|\bi (?:grew up|was born|was raised) (?:in|at|on|near)\b", "origin"),
-    ("work", rf"\bi work (?:at|for|as|in)\b|{I_AM} working (?:at|for|as|in)\b|\bmy job is\b", "work"),
-    ("study", rf"\bi (?:study|major in)\b|{I_AM} (?:studying|majoring)\b|\bmy major is\b", "study"),
+    ("age", rf"{I_AM} (\d{{1,2}})(?: years? old| yrs(?: old)?| yo| y/o)\b|{I_AM} \d{{1,2}}{AGE_END}|"
+            r"\bi (?:just )?turned \d{1,2}\b|\bi(?:'ll| will) (?:be turning|turn) \d{1,2}\b", "age"),
+    ("home", rf"\bi live (?:in|at|near|on)\b|{I_AM} living (?:in|at|near|on)\b|"
+             r"\bmy (?:house|apartment|flat|place) is (?:in|at|near|on|by)\b", "home"),
+    ("origin", rf"{I_AM} (?:originally )?from\b|\bi (?:grew up|was born|was raised) (?:in|at|on|near)\b(?! ?\d)", "origin"),
+    ("work", rf"\bi work (?:at|for|as)\b|\bi work in (?!the\b)|{I_AM} working (?:at|for|as)\b|"
+             r"\bmy job is (?:at|as|in)\b", "work"),
+    ("study", rf"\bi (?:study|major in) (?!for\b|hard\b|a lot\b|all\b)|{I_AM} majoring in\b|"
+              rf"{I_AM} studying (?!for\b|right now\b|now\b|hard\b)|\bmy major is\b", "study"),
     ("people", rf"\bmy (?:{PEOPLE})\b", None),
     ("plans", rf"{I_AM} (?:going to|gonna|planning|moving|flying|leaving for|heading to|starting)\b|\bi will\b|"
               rf"\bi'll be\b|\bwe(?:'re| are) (?:going to|moving|gonna)\b", None),
@@ -76,6 +87,9 @@ RULES = [  # (name, pattern, subject or None)
 ]
 COMPILED = [(name, re.compile(pattern), subject) for name, pattern, subject in RULES]
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # sentences: split after . ! or ? and a space
+# A single-valued statement inside a condition or a wish is not a fact about now: "when im living on
+# the road", "if i work at google", "i wish i lived in paris".
+HEDGED = re.compile(r"\b(?:if|when|whenever|once|unless|until|wish|hope|would|could|might|maybe|someday|while)\b")
 
 
 def disclosure(sentence: str):
@@ -85,7 +99,8 @@ def disclosure(sentence: str):
     if s.endswith("?") or len(s.split()) < 3:
         return None
     for name, pattern, subject in COMPILED:
-        if pattern.search(s):
+        found = pattern.search(s)
+        if found and not (subject and HEDGED.search(s[: found.start()])):
             return name, subject
     return None
 
@@ -193,39 +208,81 @@ def days_between(now: datetime, then: datetime) -> float:
 
 
 def render(e: Entry) -> str:
-    """An entry as an earlier chat line of its speaker, with its date: "[RIYA] (2019-03-02) i'm from korea"."""
-    return f"{tag(e.speaker)} ({e.time[:10]}) {e.text}"
+    """An entry as an earlier chat line of its speaker, with its date: "[RIYA] i'm from korea (2019-03-02)".
+    The date goes last: right after the tag, the model took it for how a message begins (with the
+    memory before "where are you from again?", two of three sampled answers opened with a date)."""
+    return f"{tag(e.speaker)} {e.text} ({e.time[:10]})"
+
+
+# Chat's function words: sharing "you" or "the" with the context is no reason to recall a line, and
+# with them in the query every entry would be relevant and the budget always full of noise.
+FUNCTION_WORDS = set("""a about again all also am an and any are as at be been but by can could did do does for from
+get got had has have he her here him his how i if im in into is it its just like me more my no not now of
+oh ok okay on one or our out really she so some than that the their them then there they this to too up us
+very was we well were what when where which who will with would yeah yes you your""".split())
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in words(text) if w not in FUNCTION_WORDS]
 
 
 def scores(entries: list[Entry], context: str, now: datetime, half_life_days=HALF_LIFE_DAYS) -> np.ndarray:
-    """(N,) relevance / max relevance (BM25 of the context's words against each entry's) plus
-    RECENCY_WEIGHT x 0.5^(age in days / half-life); 0 for an entry sharing no word with the context."""
+    """(N,) relevance / max relevance (BM25 of the context's content words against each entry's words)
+    plus RECENCY_WEIGHT x 0.5^(age in days / half-life); 0 for an entry sharing no content word with
+    the context."""
     bm25 = BM25([words(e.text) for e in entries])
-    relevance = bm25.scores(words(context))
+    relevance = bm25.scores(content_words(context))
     if relevance.max(initial=0) <= 0:
         return np.zeros(len(entries))
     age = np.array([max(0.0, days_between(now, datetime.fromisoformat(e.time))) for e in entries])
     return np.where(relevance > 0, relevance / relevance.max() + RECENCY_WEIGHT * 0.5 ** (age / half_life_days), 0.0)
 
 
+# What a question asks for: the single-valued subject whose current entry answers it. When the latest
+# line asks one, the asked person's answer ranks first, whatever its words: "where are you from
+# again?" shares no word with "i grew up in seoul". eval.py's consistency test asks these.
+ASKS = {
+    "age": r"\bhow old (?:are|r) (?:you|u)\b",
+    "home": r"\bwhere (?:do|d) (?:you|u) live\b|\bwhere(?:'s| is) your (?:place|house|apartment)\b",
+    "origin": r"\bwhere (?:are|r) (?:you|u) (?:originally )?from\b|\bwhere did (?:you|u) grow up\b",
+    "work": r"\bwhere (?:do|d) (?:you|u) work\b|\bwhat do (?:you|u) do for (?:a )?(?:living|work)\b|"
+            r"\bwhat(?:'s| is) your job\b",
+    "study": r"\bwhat (?:are|r) (?:you|u) studying\b|\bwhat do (?:you|u) study\b|\bwhat(?:'s| is) your major\b",
+}
+ANSWER_WEIGHT = 2.0  # added to the asked answer's score: above any relevance (<= 1) plus recency (<= 0.5)
+
+
+def asked(line: str) -> str | None:
+    """The subject a chat line asks the other person about (ASKS), or None."""
+    return next((subject for subject, pattern in ASKS.items() if re.search(pattern, line.lower())), None)
+
+
 def recall(entries: list[Entry], context_lines: list[str], now: datetime, tok, budget=BUDGET) -> list[Entry]:
     """What to put before a context (render each): the current entries stated before now and not
-    already in the context, best score first while their lines fit in budget tokens, in time order."""
+    already in the context, best score first while their lines fit in budget tokens; returned in
+    ascending score, so the best line sits nearest the context, where a small model attends most. When
+    the latest line asks a subject (asked), the other person's answer ranks first (the line's own
+    speaker is the one asking)."""
     context = "\n".join(context_lines)
     live = [e for e in entries if e.superseded is None and days_between(now, datetime.fromisoformat(e.time)) > 0
             and e.text not in context]
     if not live:
         return []
     s = scores(live, context, now)
+    subject = asked(context_lines[-1]) if context_lines else None
+    if subject:
+        asker = TAG_LINE.match(context_lines[-1])
+        answers = [e.subject == subject and not (asker and tag(e.speaker) == asker.group()) for e in live]
+        s = s + ANSWER_WEIGHT * np.array(answers)
     chosen, used = [], 0
     for i in np.argsort(-s, kind="stable"):
         if s[i] <= 0:
             break
         cost = len(tok.encode(render(live[i]) + "\n", start=False))
         if used + cost <= budget:
-            chosen.append(live[i])
+            chosen.append(i)
             used += cost
-    return sorted(chosen, key=lambda e: e.time)
+    return [live[i] for i in reversed(chosen)]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ DISCLOSURES = {  # sentence -> the rule that should keep it
     "my favorite food is kimchi": "likes",
     "my favorite is my mom's kimchi": "people",  # the first rule that matches names it
     "we leave for hawaii on friday": "dates",
+    "i just turned 21 yesterday": "age",
+    "I work in marketing downtown": "work",
+    "my major is biology": "study",
+    "im studying to be a nurse": "study",
+    "my apartment is near campus": "home",
 }
 NOT_DISCLOSURES = [
     "where are you from?",  # a question
@@ -34,6 +39,14 @@ NOT_DISCLOSURES = [
     "i'm 5 min away",  # a number that is not an age
     "you should come visit sometime",
     "do you have a dog?",
+    # Single-valued look-alikes, each once kept as a false fact on the shipped data (reworded here):
+    "some words that i live by are simple",  # a motto, not a home
+    "i realize i'm 5'8\" 135lbs and cannot dunk",  # a height, not an age
+    "my job is so boring",  # not where they work
+    "i work in the mornings mostly",  # when, not where
+    "i'm studying for my chem test",  # an errand, not a field
+    "if i work at google we can hang out",  # a condition, not a fact
+    "i am 5 minutes late",
 ]
 
 
@@ -83,7 +96,7 @@ def test_recall_ranks_by_relevance_plus_recency_as_by_hand_and_honours_the_budge
                entry("my dog is named biscuit", 25), entry("i went to korea last year for food", 28)]
     now, context = at(30), "[FRIEND] do you miss korea and the food"
     bm25 = BM25([words(e.text) for e in entries])
-    rel = bm25.scores(words(context))
+    rel = bm25.scores([w for w in words(context) if w not in memory.FUNCTION_WORDS])
     age = np.array([30, 10, 5, 2])
     by_hand = np.where(rel > 0, rel / rel.max() + memory.RECENCY_WEIGHT * 0.5 ** (age / memory.HALF_LIFE_DAYS), 0)
     np.testing.assert_allclose(memory.scores(entries, context, now), by_hand)
@@ -91,14 +104,36 @@ def test_recall_ranks_by_relevance_plus_recency_as_by_hand_and_honours_the_budge
     tok = WordTokenizer()
     cost = lambda e: len(tok.encode(memory.render(e) + "\n"))
     lines = lambda **kw: [memory.render(e) for e in memory.recall(entries, [context], tok=tok, **kw)]
-    assert lines(now=now, budget=10_000) == [memory.render(entries[i]) for i in (0, 1, 3)]  # relevant, in time order
+    ascending = [memory.render(entries[i]) for i in np.argsort(by_hand) if by_hand[i] > 0]
+    assert lines(now=now, budget=10_000) == ascending  # the relevant ones, the best last (nearest the context)
     best_first = [entries[i] for i in np.argsort(-by_hand) if by_hand[i] > 0]
     budget = cost(best_first[0]) + cost(best_first[1]) - 1  # room for the best, not the second too
     kept = lines(now=now, budget=budget)
     assert memory.render(best_first[0]) in kept and memory.render(best_first[1]) not in kept
     assert sum(len(tok.encode(line + "\n")) for line in kept) <= budget
     assert memory.recall(entries, [context], at(10), tok) == [entries[0]]  # nothing from the future
-    assert memory.render(entries[1]) == "[RIYA] (2020-01-21) my sister lives in korea"
+    assert memory.render(entries[1]) == "[RIYA] my sister lives in korea (2020-01-21)"
+
+
+def test_a_question_on_a_subject_recalls_the_other_persons_answer_first_and_last():
+    entries = [entry("i grew up in seoul", 0, subject="origin", rule="origin"),
+               entry("i'm from lima", 1, speaker="Friend", subject="origin", rule="origin"),
+               entry("my sister is from again and again", 29)]  # shares only function words with the question
+    tok, now = WordTokenizer(), at(30)
+    question = "[FRIEND] where are you from again?"
+    assert memory.asked(question) == "origin"
+    assert memory.scores(entries, question, now)[0] == 0  # no shared word: BM25 alone would never recall it
+    recalled = memory.recall(entries, [question], now, tok)
+    assert recalled[-1] == entries[0]  # Riya's answer, nearest the question
+    assert memory.recall(entries, ["[RIYA] where are you from again?"], now, tok)[-1] == entries[1]  # asked the other way
+    budget = len(tok.encode(memory.render(entries[0]) + "\n"))
+    assert memory.recall(entries, [question], now, tok, budget=budget) == [entries[0]]  # first within the budget
+
+
+def test_the_consistency_tests_questions_are_recognised_as_asking_their_subject():
+    import eval as ev
+
+    assert {subject: memory.asked(q) for subject, q in ev.QUESTIONS.items()} == {s: s for s in ev.QUESTIONS}
 
 
 def test_the_memory_holds_training_sessions_only(small_chat):
@@ -151,7 +186,7 @@ def test_sample_reads_the_memory_before_the_context_and_writes_simulated_lines_b
     context = [f"[RIYA] tell me about {' '.join(words(about.text)[-4:])}"]
     seen = fit(context)
     assert seen[-1] == context[0] and len(seen) > 1  # memory lines first, then the context
-    assert all(line.split(") ", 1)[-1] in {e.text for e in entries} for line in seen[:-1])
+    assert all(line.split("] ", 1)[1].rsplit(" (", 1)[0] in {e.text for e in entries} for line in seen[:-1])
     assert sum(len(tok.encode(l + "\n")) for l in seen[:-1]) <= 200  # half the prompt's budget at most
     remember("[FRIEND] haha. i live in denver now")
     remember("[FRIEND] ok sounds good")  # no disclosure: nothing written
