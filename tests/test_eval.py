@@ -420,7 +420,7 @@ def test_the_memory_retriever_gives_dated_lines_from_before_the_context_only(cha
     got = retrieve(0, context) + retrieve(0, [Message(context[-1].time, "Riya", entries[0].text[:40])])
     train_times = {m.time for s in train for m in s}
     assert got and all(m.time in train_times and m.time < context[-1].time for m in got)
-    assert all(m.text.startswith(f"({m.time.isoformat()[:10]}) ") for m in got)
+    assert all(m.text.endswith(f" ({m.time.isoformat()[:10]})") for m in got)
     assert retrieve(0, []) == []
 
 
