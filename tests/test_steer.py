@@ -263,6 +263,7 @@ def test_the_search_never_sees_the_test_prompts(smol, monkeypatch, tmp_path):
     monkeypatch.setattr(sample, "generate", lambda m, t, prompts, *a, **k: calls.append(set(prompts)) or generate(m, t, prompts, *a, **k))
     monkeypatch.setattr(steer, "settings", lambda *a: [steer.Setting(10, 10, "mean", 0.1, 0.0)])
     monkeypatch.chdir(tmp_path)  # the vector lands in tmp_path/out/steer
+    (tmp_path / "data").symlink_to(ROOT / "data")  # --base reads sft's default data/convos.jsonl
     opts = steer.Options(pairs=str(PAIRS), base=True, sample_tokens=4, max_kl=1e9, max_ppl_ratio=1e9, max_nll_rise=1e9,
                          cost_messages=2)
     result = steer.search(opts)
