@@ -245,8 +245,7 @@ def rloo_update(policy, optimizer, params, ro: Rollouts, opts: Options) -> dict:
     first_ratio, B = None, len(ro.tokens)
     for j in range(0, B, opts.micro_batch):
         part = slice(j, j + opts.micro_batch)
-        logp = torch.zeros(ro.tokens[part].shape, device=ro.tokens.device)
-        logp[ro.reply[part]] = continuation_logprobs(policy, ro.prompt_ids[part], ro.reply_ids[part], opts.temperature)
+        logp = per_token(policy, ro.prompt_ids[part], ro.reply_ids[part], ro.reply[part], opts.temperature, opts.micro_batch)
         if first_ratio is None:
             first_ratio = masked_mean(((logp - ro.logp[part]).exp() - 1).abs().detach(), ro.reply[part].float()).item()
         # REINFORCE with the leave-one-out baseline: the mean over replies of -A * log pi(reply).
