@@ -6,6 +6,7 @@ on a GPU, in one visible loop.
     python ppo.py --algo ppo --steps 4                 # PPO (the GPU default), small
     python ppo.py --resume                             # carry on after a crash, Ctrl-C or SIGTERM
     python ppo.py --check-rm out/rlaif2/rm             # also: does a second reward model prefer the result?
+    python ppo.py --ptx-only --out out/ptx_only        # the baseline: the real replies alone, no RL
     python sample.py --adapter out/ppo/adapter --speaker FRIEND --prompt "[RIYA] hey"
 
 The models. The stage-1 adapter is folded into the base weights once and a fresh LoRA trains on top,
@@ -24,7 +25,11 @@ The loop, in cleanrl's order:
      al. 2024, https://arxiv.org/abs/2402.14740) or PPO (per-token KL penalty, GAE, whitened
      advantages, clipped policy and value losses, several epochs with early stop on approximate KL;
      the N+ implementation details, https://arxiv.org/abs/2403.17031)
-  5. AdamW on the trainable LoRA (and critic), gradient clipping, a finite-loss check first.
+  5. AdamW on the trainable LoRA (and critic), gradient clipping, a finite-loss check first. Beside the
+     RL loss, gamma times the NLL of the person's real reply to each of the step's prompts (the
+     training sessions' own next messages; InstructGPT's "PPO-ptx", Ouyang et al. 2022,
+     https://arxiv.org/abs/2203.02155): the KL penalty only sees the policy's own replies, and the
+     real ones are what eval.py's NLL measures. Every step logs that NLL's rise over stage 1.
 
 Writes into --out: adapter/ (stage 1 and this LoRA stacked into one PEFT adapter: sample.py, eval.py
 and PEFT load it), metrics.jsonl, ppo.png, heldout.jsonl (sample replies with their scores), and
@@ -74,9 +79,15 @@ class Options:
     top_p: Annotated[float, "refused unless 1", Range(0, 1, low_open=True)] = 1.0
     min_p: Annotated[float, "refused unless 0", Range(0, 1)] = 0.0
     repetition_penalty: Annotated[float, "refused unless 1", POSITIVE] = 1.0
-    # On the shipped pair, beta 0.05 let 27 steps raise eval's NLL of real messages by 2.6%; 0.2 kept
-    # 40 steps at +1.4%, for less reward (README, ppo.py's section).
-    kl_coef: Annotated[float, "beta: the KL penalty per nat (k1 estimator: log pi - log pi_ref)", Range(0)] = 0.2
+    # The KL penalty is measured on the policy's own replies, and there it stayed small (~0.4 nats per
+    # reply) while eval.py's NLL of the people's real held-out messages rose by 1.4% (beta 0.2, 40 steps)
+    # or 2.6% (beta 0.05, 27 steps, more reward): the policy drifted where it does not sample. The
+    # person's real replies are the direct guard (ptx_coef; README, ppo.py's section).
+    kl_coef: Annotated[float, "beta: the KL penalty per nat (k1 estimator: log pi - log pi_ref)", Range(0)] = 0.05
+    ptx_coef: Annotated[float, "gamma: weight of the NLL of the person's real replies to the step's prompts (their "
+                               "actual next messages) beside the RL loss, per reply; 0 = RL alone", Range(0)] = 0.5
+    ptx_only: Annotated[bool, "the baseline for what RL adds: train on those real replies alone (gamma times their "
+                              "NLL), no rollouts, the same prompts, steps and checks"] = False
     unended_penalty: Annotated[float, "subtracted from the score of a reply that never ended its turn", Range(0)] = 1.0
     max_kl: Annotated[float, "stop the run when the mean KL per reply (nats) passes this", POSITIVE] = 10.0
     lr: Annotated[float, "peak learning rate", POSITIVE] = 2e-4
@@ -188,6 +199,8 @@ class Rollouts:
     score: torch.Tensor  # (B,) the reward model's normalised score, minus the unended penalty
     ended: torch.Tensor  # (B,) bool
     speakers: list  # [B] the replying tag
+    prompts: list  # [P] the step's prompts (row b answers prompts[b // k]), each with its real reply "real_ids"
+    real_ref: torch.Tensor  # (P,) the reference's log p of each prompt's real reply, summed over its tokens
 
 
 def per_token(model, prompt_ids, reply_ids, reply, temperature, micro_batch):
@@ -200,6 +213,47 @@ def per_token(model, prompt_ids, reply_ids, reply, temperature, micro_batch):
         part = slice(j, j + micro_batch)
         out[part][reply[part]] = continuation_logprobs(model, prompt_ids[part], reply_ids[part], temperature)
     return out
+
+
+def real_logprobs(model, prompts, micro_batch):
+    """(P,) log p of each prompt's real reply (the person's own next message, "real_ids") after it,
+    summed over its tokens, at temperature 1 (the model's own distribution, as eval.py scores it)."""
+    out = []
+    for j in range(0, len(prompts), micro_batch):
+        part = prompts[j : j + micro_batch]
+        lp = continuation_logprobs(model, [p["prompt_ids"] for p in part], [p["real_ids"] for p in part])
+        out += [x.sum() for x in lp.split([len(p["real_ids"]) for p in part])]
+    return torch.stack(out)
+
+
+def real_nll_rise(real, real_ref, prompts) -> float:
+    """nats per token by which the policy's NLL of the real replies exceeds stage 1's."""
+    return ((real_ref - real).sum() / sum(len(p["real_ids"]) for p in prompts)).item()
+
+
+def ptx_prompts(opts: Options) -> int:
+    """Prompts per forward for their real replies: as many as an RL micro-batch holds. The reference's
+    log-probs are taken in the same groups, so at step 0 the rise is exactly 0."""
+    return max(1, opts.micro_batch // opts.k)
+
+
+def ptx_backward(policy, prompts, opts: Options) -> torch.Tensor:
+    """gamma times the mean NLL of the prompts' real replies (per reply, the RL loss's unit),
+    backpropagated (nothing when gamma is 0) as many prompts at a time as an RL micro-batch holds: each
+    prompt's whole forward is kept for the backward (all 8 at once took the run from 2.9 to 8 GB).
+    -> their log-probs (P,), detached, for the log."""
+    size = ptx_prompts(opts)
+    out = []
+    for j in range(0, len(prompts), size):
+        with torch.set_grad_enabled(opts.ptx_coef > 0):
+            real = real_logprobs(policy, prompts[j : j + size], size)
+            if opts.ptx_coef > 0:
+                loss = -opts.ptx_coef * real.sum() / len(prompts)
+                if not torch.isfinite(loss):
+                    raise sft.TrainingDiverged(f"the real replies' NLL became {loss.item()}")
+                loss.backward()
+        out.append(real.detach())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -227,8 +281,10 @@ def collect(policy, tok, rm, prompts, opts: Options, seed: int, reward=None) -> 
         score = torch.tensor([float(reward(p, r.ids)) for p, r in zip(ids, replies)], device=device)
     ended = torch.tensor([r.ended for r in replies], device=device)
     score = score.to(device) - opts.unended_penalty * (~ended).float()
+    with lora.disabled(policy):
+        real_ref = real_logprobs(policy, prompts, ptx_prompts(opts))
     return Rollouts(ids, reply_ids, tokens, reply, logp, ref, score, ended,
-                    [p["speaker"] for p in prompts for _ in range(opts.k)])
+                    [p["speaker"] for p in prompts for _ in range(opts.k)], prompts, real_ref)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,10 +309,12 @@ def rloo_update(policy, optimizer, params, ro: Rollouts, opts: Options) -> dict:
         if not torch.isfinite(loss):
             raise sft.TrainingDiverged(f"the RLOO loss became {loss.item()}")
         loss.backward()
+    real = ptx_backward(policy, ro.prompts, opts)  # after the replies, so their first ratio is exact
     norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"ratio_dev": first_ratio, "grad_norm": norm, "advantage_std": advantages.std().item()}
+    return {"ratio_dev": first_ratio, "grad_norm": norm, "advantage_std": advantages.std().item(),
+            "real_nll_rise": real_nll_rise(real, ro.real_ref, ro.prompts)}
 
 
 def aligned(x, reply, R: int):
@@ -295,6 +353,7 @@ def ppo_update(policy, critic, optimizer, params, ro: Rollouts, opts: Options, s
     old_al, _ = aligned(ro.logp, ro.reply, R)
     rng = random.Random(seed)
     B, stats = len(ro.tokens), {"ratio_dev": None, "clip_frac": [], "approx_kl": [], "value_loss": [], "epochs": 0}
+    rises = []  # the first epoch's (real log p, reference's, prompts) per minibatch
     policy.train()
     critic.train()
     for epoch in range(opts.epochs):
@@ -318,6 +377,11 @@ def ppo_update(policy, critic, optimizer, params, ro: Rollouts, opts: Options, s
             if not torch.isfinite(loss):
                 raise sft.TrainingDiverged(f"the PPO loss became {loss.item()}")
             loss.backward()
+            # Each minibatch is an optimizer step: it carries its prompts' real replies (each prompt once).
+            mine = sorted({i // opts.k for i in picked})
+            real = ptx_backward(policy, [ro.prompts[p] for p in mine], opts)
+            if epoch == 0:
+                rises.append((real, ro.real_ref[mine], [ro.prompts[p] for p in mine]))
             torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -335,7 +399,9 @@ def ppo_update(policy, critic, optimizer, params, ro: Rollouts, opts: Options, s
     explained = 1 - masked_mean((residual - masked_mean(residual, mask)) ** 2, mask) / variance.clamp(min=1e-8)
     return {"ratio_dev": stats["ratio_dev"], "clip_frac": sum(stats["clip_frac"]) / len(stats["clip_frac"]),
             "approx_kl": stats["approx_kl"][-1], "value_loss": sum(stats["value_loss"]) / len(stats["value_loss"]),
-            "explained_variance": explained.item(), "epochs": stats["epochs"]}
+            "explained_variance": explained.item(), "epochs": stats["epochs"],
+            "real_nll_rise": real_nll_rise(torch.cat([r for r, _, _ in rises]), torch.cat([f for _, f, _ in rises]),
+                                           [p for _, _, ps in rises for p in ps])}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,6 +416,8 @@ def check_sampling(opts: Options):
                        "exactly the distribution it was drawn from; a cut or penalised distribution biases its KL")
     if opts.algo not in ALGOS:
         raise BadInput(f"--algo {opts.algo}: rloo or ppo")
+    if opts.ptx_only and opts.ptx_coef == 0:
+        raise BadInput("--ptx-only with --ptx-coef 0 trains nothing")
     if opts.algo == "rloo" and opts.k < 2:
         raise BadInput("--k 1: RLOO needs at least 2 replies per prompt (each one's baseline is the others)")
 
@@ -397,14 +465,16 @@ def trainable(policy, critic) -> dict:
 @torch.no_grad()
 def heldout_scores(policy, tok, rm, prompts, opts: Options, reward=None) -> tuple[dict, list]:
     """One reply per held-out prompt (seed fixed: every evaluation sees the same draws): the mean score,
-    its spread, ended share and length; and (prompt, reply, score) rows."""
+    its spread, ended share and length, and the rise of the real replies' NLL over stage 1 (a small,
+    quick stand-in for eval.py's); and (prompt, reply, score) rows."""
     ro = collect(policy, tok, rm, prompts, replace(opts, k=1), seed=10**6 + opts.seed, reward=reward)
+    real = real_logprobs(policy, prompts, opts.micro_batch)
     rows = [{"speaker": p["speaker"], "context": p["context"][-2:], "reply": sample.reply_text(tok, p["prompt_ids"], r),
              "score": s} for p, r, s in zip(prompts, ro.reply_ids, ro.score.tolist())]
     kl = kl_k1(ro.logp, ro.ref).sum(1)
     return {"score": ro.score.mean().item(), "score_std": ro.score.std().item() if len(prompts) > 1 else 0.0,
             "ended": ro.ended.float().mean().item(), "length": ro.reply.sum(1).float().mean().item(),
-            "kl": kl.mean().item()}, rows
+            "kl": kl.mean().item(), "real_nll_rise": real_nll_rise(real, ro.real_ref, prompts)}, rows
 
 
 def distinct_2(replies: list[list[int]]) -> float:
@@ -414,7 +484,7 @@ def distinct_2(replies: list[list[int]]) -> float:
 
 def plot(log, path):
     plt = cli.pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     steps = [r["step"] for r in log if "score" in r]
     ax1.plot(steps, [r["score"] for r in log if "score" in r], lw=0.8, label="rollout score")
     held = [(r["step"], r["heldout_score"]) for r in log if "heldout_score" in r]
@@ -424,8 +494,15 @@ def plot(log, path):
     ax2.plot(steps, [r["kl"] for r in log if "score" in r], lw=0.8, label="KL k1 (nats/reply)")
     ax2.plot(steps, [r["kl_k3"] for r in log if "score" in r], lw=0.8, label="KL k3")
     ax2.set(xlabel="step", ylabel="nats per reply", title="KL to stage 1")
-    ax1.legend()
-    ax2.legend()
+    ax3.plot([r["step"] for r in log if "real_nll_rise" in r], [r["real_nll_rise"] for r in log if "real_nll_rise" in r],
+             lw=0.8, label="the step's prompts (training)")
+    held = [(r["step"], r["heldout_real_nll_rise"]) for r in log if "heldout_real_nll_rise" in r]
+    if held:
+        ax3.plot(*zip(*held), "o-", label="held-out prompts")
+    ax3.axhline(0, c="gray", lw=0.5)
+    ax3.set(xlabel="step", ylabel="nats per token over stage 1", title="NLL of the people's real replies")
+    for ax in (ax1, ax2, ax3):
+        ax.legend()
     cli.save_figure(fig, path)
 
 
@@ -488,47 +565,60 @@ def train(opts: Options, reward=None, models=None, pools=None) -> dict:
         # 1. prompts, chosen by (seed, step): a resumed run draws what the uninterrupted one would.
         rng = random.Random(opts.seed * 1_000_003 + step)
         prompts = [pool[j] for j in rng.sample(range(len(pool)), min(opts.prompts, len(pool)))]
-        # 2-3. rollouts, and their log-probs, reference log-probs and scores
-        ro = collect(policy, tok, rm, prompts, opts, seed=opts.seed * 1000 + step, reward=reward)
-        t1 = time.time()
-        if not torch.isfinite(ro.score).all():
-            raise sft.TrainingDiverged(f"a reward became {ro.score[~torch.isfinite(ro.score)][0].item()} at step "
-                                       f"{step + 1}; " + (f"the last good checkpoint is in {ckpt}" if ckpt.exists()
-                                                          else "nothing was saved yet"))
-        kl, k3 = kl_k1(ro.logp, ro.ref).sum(1), (kl_k3(ro.logp, ro.ref) * ro.reply).sum(1)
-        # 4-5. the update
-        if opts.algo == "rloo":
-            stats = rloo_update(policy, optimizer, list(params.values()), ro, opts)
+        if opts.ptx_only:  # the baseline: the same prompts' real replies alone, no rollouts
+            with torch.no_grad(), lora.disabled(policy):
+                real_ref = real_logprobs(policy, prompts, ptx_prompts(opts))
+            policy.train()
+            real = ptx_backward(policy, prompts, opts)
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), opts.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            row = {"step": step, "real_nll_rise": real_nll_rise(real, real_ref, prompts), "grad_norm": norm,
+                   "lr": sft.lr_at(step - 1, opts), "seconds": {"update": round(time.time() - t0, 1)}}
+            line = f"step {step}/{opts.steps} | real nll {row['real_nll_rise']:+.3f} | norm {norm:.2f} | {time.time() - t0:.0f} s"
         else:
-            stats = ppo_update(policy, critic, optimizer, list(params.values()), ro, opts, seed=opts.seed * 7919 + step)
-        step += 1
-        t2 = time.time()
-        lengths = ro.reply.sum(1).float()
-        row = {"step": step, "score": ro.score.mean().item(), "kl": kl.mean().item(), "kl_k3": k3.mean().item(),
-               **stats, "entropy": (-ro.logp.sum() / ro.reply.sum()).item(),  # mean -log p of the sampled tokens
-               "length": lengths.mean().item(), "ended": ro.ended.float().mean().item(),
-               "distinct_2": distinct_2(ro.reply_ids), "lr": sft.lr_at(step - 1, opts),
-               "seconds": {"rollout": round(t1 - t0, 1), "update": round(t2 - t1, 1)}}
-        for speaker in sorted(set(ro.speakers)):
-            mine = torch.tensor([s == speaker for s in ro.speakers], device=ro.score.device)
-            row[f"score {speaker}"] = ro.score[mine].mean().item()
-        line = (f"step {step}/{opts.steps} | score {row['score']:+.3f} | kl {row['kl']:.2f} (k3 {row['kl_k3']:.2f}) | "
-                f"|ratio-1| {stats['ratio_dev']:.1e} | ent {row['entropy']:.2f} | len {row['length']:.1f} | "
-                f"ended {row['ended']:.2f} | d2 {row['distinct_2']:.2f}")
-        if opts.algo == "ppo":
-            line += f" | clip {stats['clip_frac']:.2f} | akl {stats['approx_kl']:.3f} | vf {stats['value_loss']:.3f} | " \
-                    f"ev {stats['explained_variance']:+.2f}"
-        line += f" | {t1 - t0:.0f}+{t2 - t1:.0f} s"
+            # 2-3. rollouts, and their log-probs, reference log-probs and scores
+            ro = collect(policy, tok, rm, prompts, opts, seed=opts.seed * 1000 + step, reward=reward)
+            t1 = time.time()
+            if not torch.isfinite(ro.score).all():
+                raise sft.TrainingDiverged(f"a reward became {ro.score[~torch.isfinite(ro.score)][0].item()} at step "
+                                           f"{step + 1}; " + (f"the last good checkpoint is in {ckpt}" if ckpt.exists()
+                                                              else "nothing was saved yet"))
+            kl, k3 = kl_k1(ro.logp, ro.ref).sum(1), (kl_k3(ro.logp, ro.ref) * ro.reply).sum(1)
+            # 4-5. the update
+            if opts.algo == "rloo":
+                stats = rloo_update(policy, optimizer, list(params.values()), ro, opts)
+            else:
+                stats = ppo_update(policy, critic, optimizer, list(params.values()), ro, opts, seed=opts.seed * 7919 + step)
+            step += 1
+            t2 = time.time()
+            lengths = ro.reply.sum(1).float()
+            row = {"step": step, "score": ro.score.mean().item(), "kl": kl.mean().item(), "kl_k3": k3.mean().item(),
+                   **stats, "entropy": (-ro.logp.sum() / ro.reply.sum()).item(),  # mean -log p of the sampled tokens
+                   "length": lengths.mean().item(), "ended": ro.ended.float().mean().item(),
+                   "distinct_2": distinct_2(ro.reply_ids), "lr": sft.lr_at(step - 1, opts),
+                   "seconds": {"rollout": round(t1 - t0, 1), "update": round(t2 - t1, 1)}}
+            for speaker in sorted(set(ro.speakers)):
+                mine = torch.tensor([s == speaker for s in ro.speakers], device=ro.score.device)
+                row[f"score {speaker}"] = ro.score[mine].mean().item()
+            line = (f"step {step}/{opts.steps} | score {row['score']:+.3f} | kl {row['kl']:.2f} (k3 {row['kl_k3']:.2f}) | "
+                    f"|ratio-1| {stats['ratio_dev']:.1e} | ent {row['entropy']:.2f} | len {row['length']:.1f} | "
+                    f"ended {row['ended']:.2f} | d2 {row['distinct_2']:.2f} | real nll {stats['real_nll_rise']:+.3f}")
+            if opts.algo == "ppo":
+                line += f" | clip {stats['clip_frac']:.2f} | akl {stats['approx_kl']:.3f} | vf {stats['value_loss']:.3f} | " \
+                        f"ev {stats['explained_variance']:+.2f}"
+            line += f" | {t1 - t0:.0f}+{t2 - t1:.0f} s"
         if step % opts.eval_every == 0 or step == opts.steps:
             rows = evaluate_heldout(row)
-            line += f" | held-out {row['heldout_score']:+.3f}"
+            line += f" | held-out {row['heldout_score']:+.3f} (real nll {row['heldout_real_nll_rise']:+.3f})"
         record(row)
         tqdm.write(line)
         if step % opts.eval_every == 0 or step == opts.steps:
             for r in rows[:2]:
                 tqdm.write(f"    {r['speaker']} {r['reply']!r} ({r['score']:+.2f})")
         bar.update(1)
-        if row["kl"] > opts.max_kl:
+        if row.get("kl", 0.0) > opts.max_kl:
             save()
             raise sft.TrainingDiverged(f"the KL to stage 1 reached {row['kl']:.2f} nats per reply at step {step}, past "
                                        f"--max-kl {opts.max_kl}; saved in {out}. Try a larger --kl-coef or a lower --lr")
@@ -541,6 +631,7 @@ def train(opts: Options, reward=None, models=None, pools=None) -> dict:
     final = next(r for r in reversed(log) if "heldout_score" in r)
     summary = {"steps": step, "heldout_before": first["heldout_score"], "heldout_after": final["heldout_score"],
                "heldout_ended": final["heldout_ended"], "heldout_kl": final["heldout_kl"],
+               "heldout_real_nll_rise": final["heldout_real_nll_rise"],
                "mean_kl_last_10": sum(r["kl"] for r in log[-10:] if "kl" in r) / max(1, len([r for r in log[-10:] if "kl" in r])),
                "ended_last_10": sum(r["ended"] for r in log[-10:] if "ended" in r) / max(1, len([r for r in log[-10:] if "ended" in r]))}
     if opts.check_rm and models is None:
@@ -585,7 +676,8 @@ def main():
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"\nheld-out score (reward model; stage 1 = mean 0, std 1): {summary['heldout_before']:+.3f} -> "
-          f"{summary['heldout_after']:+.3f}; KL {summary['heldout_kl']:.2f} nats/reply; ended {summary['heldout_ended']:.0%}")
+          f"{summary['heldout_after']:+.3f}; KL {summary['heldout_kl']:.2f} nats/reply; ended {summary['heldout_ended']:.0%}; the real held-out replies' NLL "
+          f"{summary['heldout_real_nll_rise']:+.3f} nats/token over stage 1's")
     if "check_rm" in summary:
         c = summary["check_rm"]
         print(f"second reward model {c['rm']}: prefers the trained replies in {c['prefers_trained']:.1%} of {c['pairs']} "

@@ -2,6 +2,7 @@
 scoring forward, KL exactly 0 and ratios exactly 1 at step 0, the reference is stage 1, one score per
 reply at its last token, a toy reward learned by RLOO and PPO, a one-token bandit's closed-form optimum,
 bitwise resume, a NaN reward, and refused sampling settings."""
+import copy
 import json
 import math
 import random
@@ -116,13 +117,14 @@ def policy_of(tiny_dir, seed=0, critic=False):
 
 def prompts(n=6, length=5, seed=0):
     rng = random.Random(seed)
-    return [{"prompt_ids": [rng.randrange(101) for _ in range(length)], "speaker": "[FRIEND]", "context": []} for _ in range(n)]
+    return [{"prompt_ids": [rng.randrange(101) for _ in range(length)], "speaker": "[FRIEND]", "context": [],
+             "real_ids": [rng.randrange(101) for _ in range(rng.randrange(1, 5))]} for _ in range(n)]
 
 
 def options(tmp_path, **kw):
     return ppo.Options(**{**dict(out=str(tmp_path), steps=20, prompts=4, k=4, max_new_tokens=6, heldout=4, eval_every=5,
                                  save_every=5, lr=1e-2, warmup_steps=0, micro_batch=8, lora_r=4, lora_alpha=8,
-                                 temperature=1.0, kl_coef=0.01, epochs=2, minibatches=2, unended_penalty=0.0), **kw})
+                                 temperature=1.0, kl_coef=0.01, ptx_coef=0.0, epochs=2, minibatches=2, unended_penalty=0.0), **kw})
 
 
 def toy_reward(prompt, reply):
@@ -158,6 +160,54 @@ def test_the_sampler_and_the_scoring_forward_agree_and_step_0_has_kl_0_and_ratio
     optimizer = torch.optim.AdamW(lora.lora_parameters(policy), lr=1e-3)
     stats = ppo.rloo_update(policy, optimizer, lora.lora_parameters(policy), ro, opts)
     assert stats["ratio_dev"] == 0.0  # exactly: the same weights, ops and batch as the scoring forward
+
+
+@pytest.mark.parametrize("algo", ["rloo", "ppo"])
+def test_the_real_replies_nll_joins_the_loss_with_weight_gamma(tiny_dir, tmp_path, algo):
+    # Every reward 0 and no KL: the RL term's gradient is 0 (RLOO's advantages are 0; PPO's critic starts
+    # at 0, so its advantages are too), so one SGD step of lr 1 must move the LoRA by exactly -gamma * the gradient of the mean NLL
+    # of the prompts' real replies, computed here by a plain forward over prompt + real reply.
+    gamma = 0.7
+    opts = options(tmp_path, algo=algo, k=2, ptx_coef=gamma, kl_coef=0.0, grad_clip=1e9, epochs=1, minibatches=1)
+    policy, critic = policy_of(tiny_dir, critic=algo == "ppo")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a policy that has moved: its real-reply NLL differs from stage 1's
+    ps = prompts(3)
+    expected = copy.deepcopy(policy)
+    nll = 0.0
+    for p in ps:
+        logits = expected(torch.tensor([p["prompt_ids"] + p["real_ids"]]))[0].float().log_softmax(-1)
+        n = len(p["prompt_ids"])
+        nll = nll - sum(logits[n - 1 + t, tok] for t, tok in enumerate(p["real_ids"])) / len(ps)
+    (gamma * nll).backward()
+    ro = ppo.collect(policy, Digits(), None, ps, opts, seed=0, reward=lambda prompt, reply: 0.0)
+    params = lora.lora_parameters(policy)
+    before = [q.detach().clone() for q in params]
+    if algo == "rloo":
+        stats = ppo.rloo_update(policy, torch.optim.SGD(params, lr=1.0), params, ro, opts)
+    else:
+        all_params = params + list(rlaif.rm_parameters(critic).values())
+        stats = ppo.ppo_update(policy, critic, torch.optim.SGD(all_params, lr=1.0), all_params, ro,
+                               replace(opts, vf_coef=0.0), seed=0)
+    for q, q0, e in zip(params, before, lora.lora_parameters(expected)):
+        # fp32 through two paths (a KV cache, one plain forward): rounding to ~5e-5 of gradients up to ~1;
+        # a wrong weight or a missing term is off by tenths
+        torch.testing.assert_close(q.detach() - q0, -e.grad, atol=2e-4, rtol=1e-3)
+    assert stats["real_nll_rise"] > 0  # the moved policy finds the real replies less likely than stage 1
+
+
+def test_ptx_only_trains_on_the_real_replies_without_rollouts(tmp_path):
+    calls = []
+    summary, _ = run(tmp_path, reward=lambda p, r: calls.append(1) or 0.0, ptx_only=True, ptx_coef=1.0, steps=6,
+                     eval_every=3)
+    assert len(calls) == 16 * 3  # only the held-out evaluations sample (16 prompts, at steps 0, 3 and 6)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert log[1]["real_nll_rise"] == 0.0  # step 1 is scored before its update: the policy is stage 1
+    assert log[-1]["real_nll_rise"] < 0 and summary["heldout_real_nll_rise"] != 0  # learned; held out moved
+    with pytest.raises(BadInput, match="--ptx-only with --ptx-coef 0"):
+        run(tmp_path / "none", ptx_only=True, ptx_coef=0.0)
 
 
 def test_the_reference_is_the_stage_1_model_not_the_base(tiny_dir, tiny):
@@ -208,7 +258,7 @@ def test_a_toy_reward_rises_by_half_within_20_steps_with_bounded_kl(tmp_path, al
 def test_a_one_token_bandit_rises_towards_and_stays_below_its_kl_regularised_optimum(tiny_dir, tmp_path, monkeypatch):
     # One new token, reward 1 for the target: the optimum of E[r] - beta KL is pi*(a) ~ pi_ref(a) exp(r(a) / beta).
     beta = 0.5
-    bandit = [{"prompt_ids": [3, 14, 15, 92, 65], "speaker": "[FRIEND]", "context": []}]
+    bandit = [{"prompt_ids": [3, 14, 15, 92, 65], "speaker": "[FRIEND]", "context": [], "real_ids": [7]}]
     policy, _ = policy_of(tiny_dir)
     with torch.no_grad():
         ref = policy(torch.tensor([bandit[0]["prompt_ids"]]))[0, -1].softmax(-1)
