@@ -629,11 +629,13 @@ def train(opts: Options, reward=None, models=None, pools=None) -> dict:
     bar.close()
     first = next(r for r in log if "heldout_score" in r)
     final = next(r for r in reversed(log) if "heldout_score" in r)
+    rolled = [r for r in log[-10:] if "kl" in r]
     summary = {"steps": step, "heldout_before": first["heldout_score"], "heldout_after": final["heldout_score"],
                "heldout_ended": final["heldout_ended"], "heldout_kl": final["heldout_kl"],
                "heldout_real_nll_rise": final["heldout_real_nll_rise"],
-               "mean_kl_last_10": sum(r["kl"] for r in log[-10:] if "kl" in r) / max(1, len([r for r in log[-10:] if "kl" in r])),
-               "ended_last_10": sum(r["ended"] for r in log[-10:] if "ended" in r) / max(1, len([r for r in log[-10:] if "ended" in r]))}
+               # over the last 10 steps' rollouts (none with --ptx-only)
+               "mean_kl_last_10": sum(r["kl"] for r in rolled) / len(rolled) if rolled else None,
+               "ended_last_10": sum(r["ended"] for r in rolled) / len(rolled) if rolled else None}
     if opts.check_rm and models is None:
         summary["check_rm"] = check_with(opts, policy, tok, prompt_pool(tuned, opts, opts.check_prompts)[1], rm)
     cli.write_atomically(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))

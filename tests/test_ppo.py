@@ -206,6 +206,7 @@ def test_ptx_only_trains_on_the_real_replies_without_rollouts(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert log[1]["real_nll_rise"] == 0.0  # step 1 is scored before its update: the policy is stage 1
     assert log[-1]["real_nll_rise"] < 0 and summary["heldout_real_nll_rise"] != 0  # learned; held out moved
+    assert summary["mean_kl_last_10"] is None and summary["ended_last_10"] is None  # no rollouts to average
     with pytest.raises(BadInput, match="--ptx-only with --ptx-coef 0"):
         run(tmp_path / "none", ptx_only=True, ptx_coef=0.0)
 
