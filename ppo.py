@@ -379,9 +379,10 @@ def ppo_update(policy, critic, optimizer, params, ro: Rollouts, opts: Options, s
             loss.backward()
             # Each minibatch is an optimizer step: it carries its prompts' real replies (each prompt once).
             mine = sorted({i // opts.k for i in picked})
-            real = ptx_backward(policy, [ro.prompts[p] for p in mine], opts)
+            theirs = [ro.prompts[p] for p in mine]
+            real = ptx_backward(policy, theirs, opts)
             if epoch == 0:
-                rises.append((real, ro.real_ref[mine], [ro.prompts[p] for p in mine]))
+                rises.append((real, ro.real_ref[mine], theirs))
             torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
