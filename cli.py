@@ -144,9 +144,14 @@ def command(argv: list[str], commands: tuple[str, ...], script: str) -> tuple[st
 
 def exit_on_bad_input(main):
     """Run a script's main(). A BadInput, or the system refusing a file (a path that is a folder, no
-    permission, a full disk), becomes one sentence on stderr and exit status 2."""
+    permission, a full disk), becomes one sentence on stderr and exit status 2. A second Ctrl-C or
+    SIGTERM, which quits a training loop at once (sft.stop_requests), is one sentence too, status 130."""
     try:
         main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once (a training run keeps its last checkpoint: continue with --resume)",
+              file=sys.stderr)
+        sys.exit(130)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@
     python memory.py build                          # the adapter's training sessions -> out/adapter/memory.jsonl
     python memory.py build --data chat.jsonl --memory out/chat_memory.jsonl
     python memory.py show                           # what it knows, per person, newest first
+    python memory.py examples                       # sft.py --examples rows with the memory in the context
 
 A fine-tuned model learns how two people write, and some of what they wrote about, but it holds no
 record: asked twice where someone is from, it can answer "korea" once and "utah" the next time. Here a
@@ -24,7 +25,7 @@ import json
 import re
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -35,9 +36,10 @@ import cli
 import lora
 import sft
 from cli import BadInput, Range, exit_on_bad_input, parse_options
+from model import load_tokenizer, model_dir
 from prep import BM25, TAG_LINE, load_pair, one_line, split_sessions, tag, words
 
-COMMANDS = ("build", "show")
+COMMANDS = ("build", "show", "examples")
 
 
 @dataclass
@@ -48,6 +50,10 @@ class Options:
     memory: Annotated[str, "the memory file (default: memory.jsonl next to --adapter)"] = ""
     all_sessions: Annotated[bool, "build: every session, the held-out ones too (not for evaluation)"] = False
     top: Annotated[int, "show: entries listed per person", Range(1)] = 20
+    examples: Annotated[str, "examples: the rows to write (default: memory_examples.jsonl next to --adapter)"] = ""
+    budget: Annotated[int, "examples: tokens of memory lines before each context; 0 = none (the control: the "
+                           "same rows and contexts without the memory)", Range(0)] = 256
+    seed: Annotated[int, "examples: seed for each row's number of context messages"] = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,6 +292,34 @@ def recall(entries: list[Entry], context_lines: list[str], now: datetime, tok, b
 
 
 # ---------------------------------------------------------------------------------------------------
+# Learning to read it: the fine-tuned model never saw memory lines in training, and put before a context
+# they cost it likelihood (README). These rows (sft.py --examples) are the training sessions' messages
+# with the memory recalled before their context, as eval.py's (h) recalls it for a held-out session: a
+# memory of the sessions before, as it stood then.
+
+def training_rows(messages, gap_hours: float, val_frac: float, context_messages: int, tok, budget=BUDGET,
+                  seed=0) -> list[dict]:
+    """Every message of the training sessions as a row {"context", "speaker", "reply"}: after a random
+    0..context_messages of its session's messages before it (as prep.build_examples draws them), and
+    before those, the memory recalled for them from the disclosures of the earlier sessions only,
+    superseded only by statements made before its session began (never its own session's, never a
+    later one's)."""
+    train, _ = split_sessions(messages, gap_hours, val_frac)
+    everything = [e for s, session in enumerate(train) for e in entries_of(session, s)]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s, session in enumerate(train):
+        known = supersede([replace(e) for e in everything if e.session < s])  # copies: supersede marks them
+        for i, target in enumerate(session):
+            k = int(rng.integers(0, min(context_messages, i) + 1))
+            context = [f"{tag(m.speaker)} {one_line(m.text)}" for m in session[i - k : i]]
+            recalled = [render(e) for e in recall(known, context, target.time, tok, budget)] if context and budget else []
+            rows.append({"context": recalled + context, "speaker": tag(target.speaker), "reply": one_line(target.text),
+                         "memory_lines": len(recalled), "session": s})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
 
 def memory_path(opts: Options) -> Path:
     return Path(opts.memory) if opts.memory else Path(opts.adapter) / "memory.jsonl"
@@ -295,10 +329,23 @@ def main():
     command, argv = cli.command(sys.argv[1:], COMMANDS, "memory.py")
     opts = parse_options(Options, argv=argv)
     path = memory_path(opts)
-    if command == "build":
+    if command in ("build", "examples"):
         training = (lora.read_training(opts.adapter) if Path(opts.adapter).exists() else None) or {}
         data = sft.data_settings(training, opts)
         messages, _ = load_pair(data.data)
+    if command == "examples":
+        tok = load_tokenizer(model_dir(training.get("model", sft.Options.model)))  # the budget is in its tokens
+        rows = training_rows(messages, data.session_gap_hours, data.val_frac, data.context_messages, tok,
+                             opts.budget, opts.seed)
+        path = Path(opts.examples) if opts.examples else Path(opts.adapter) / "memory_examples.jsonl"
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        cli.write_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
+        with_memory = [r["memory_lines"] for r in rows if r["memory_lines"]]
+        print(f"wrote {path}: {len(rows)} rows, the training sessions' messages of {data.data}; {len(with_memory)} "
+              f"with memory lines before their context (mean {np.mean(with_memory or [0]):.1f} lines). Train on them: "
+              f"python sft.py --examples {path} --examples-only --init-adapter {opts.adapter} "
+              f"--out out/memory_ft{'' if opts.budget else '_control'}")
+    elif command == "build":
         entries = build(messages, data.session_gap_hours, data.val_frac, opts.all_sessions)
         save(entries, path)
         per = defaultdict(int)

@@ -554,17 +554,21 @@ def load_model(name_or_path="smollm2-135m", dtype=None, device=None):
     repo id such as "mistralai/Mistral-7B-v0.1". Defaults: the GPU in bf16 if there is one, else fp32."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = model_dir(name_or_path)
+    return load_checkpoint(path, dtype, device), load_tokenizer(path)
+
+
+def model_dir(name_or_path: str) -> Path:
+    """The local directory of "smollm2-135m", a local directory, or a Hub repo id (fetched once)."""
     if name_or_path == "smollm2-135m":
         import smollm2
 
-        path = smollm2.converted_dir()
-    elif Path(name_or_path).exists():
-        path = Path(name_or_path)
-    elif name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        path = download(name_or_path)
-    else:
-        raise BadInput(f"--model {name_or_path}: no such directory, and not a Hub repo id (owner/name)")
-    return load_checkpoint(path, dtype, device), load_tokenizer(path)
+        return smollm2.converted_dir()
+    if Path(name_or_path).exists():
+        return Path(name_or_path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return download(name_or_path)
+    raise BadInput(f"--model {name_or_path}: no such directory, and not a Hub repo id (owner/name)")
 
 
 def download(repo_id: str) -> Path:

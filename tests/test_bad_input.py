@@ -369,3 +369,14 @@ def test_cli_failures_run_end_to_end_without_a_traceback(tmp_path):
                  ["prep.py", str(tmp_path / "nope.csv")]):
         run = script(*args)
         assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_quitting_at_once_is_one_sentence_and_status_130(capsys):
+    """sft.stop_requests' second Ctrl-C or SIGTERM raises KeyboardInterrupt mid-step: no traceback."""
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.exit_on_bad_input(main)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 130 and len(err.splitlines()) == 1 and "--resume" in err

@@ -1,5 +1,6 @@
 """memory.py: the rules on written disclosures and non-disclosures, supersession by time, retrieval
 ranked as by hand within the token budget, built from training sessions only, simulated lines marked."""
+import json
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -205,3 +206,53 @@ def test_cli_sample_with_memory_runs(tiny_adapter, tmp_path):
     assert out.stdout.startswith("[FRIEND] ")
     missing = script("sample.py", "--adapter", str(tiny_adapter), "--memory", "--memory-file", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no memory there" in missing.stderr
+
+
+def test_training_rows_recall_only_earlier_sessions_as_the_memory_stood_then(tmp_path):
+    """memory.py examples: each training message after its context, the memory before it holding the
+    earlier sessions' disclosures only, superseded only by what was said before its session."""
+    import sft
+    from prep import Message
+
+    day = lambda d, h=0: datetime(2020, 1, 1) + timedelta(days=d, hours=h)
+    sessions = [[("Riya", "i live in seoul and i love seoul food"), ("Friend", "nice")],
+                [("Friend", "how is seoul"), ("Riya", "i live in busan now, seoul got old")],
+                [("Friend", "do you still like seoul food"), ("Riya", "yes")],
+                [("Friend", "later"), ("Riya", "bye")]]  # the held-out session (val_frac 0.25)
+    messages = [Message(day(d, h), who, text) for d, s in enumerate(sessions) for h, (who, text) in enumerate(s)]
+    tok = WordTokenizer()
+    rows = memory.training_rows(messages, 3.0, 0.25, 8, tok, seed=0)  # seed 0 draws 1 context message below
+    assert [r["reply"] for r in rows] == [text for s in sessions[:3] for _, text in s]  # training sessions only
+    by_reply = {r["reply"]: r for r in rows}
+    # session 1: the memory holds session 0's "i live in seoul ..." (relevant to "how is seoul"), not its own
+    # session's newer statement, which supersedes it only later
+    row = by_reply["i live in busan now, seoul got old"]
+    assert row["context"] == ["[RIYA] i live in seoul and i love seoul food (2020-01-01)", "[FRIEND] how is seoul"]
+    # session 2: the busan statement (session 1) superseded the seoul one, so only busan is current
+    row = by_reply["yes"]
+    assert row["context"] == ["[RIYA] i live in busan now, seoul got old (2020-01-02)",
+                              "[FRIEND] do you still like seoul food"]
+    assert all(r["context"] == [] for r in rows if r["session"] == 0 and r["reply"] == sessions[0][0][1])
+    # budget 0, the control: the same rows and contexts, no memory lines
+    control = memory.training_rows(messages, 3.0, 0.25, 8, tok, budget=0, seed=0)
+    assert [r["context"][r["memory_lines"]:] for r in rows] == [r["context"] for r in control]
+    assert not any(r["memory_lines"] for r in control) and any(r["memory_lines"] for r in rows)
+    # and sft.py trains on them as written: loss on the reply and its newline
+    examples = sft.examples_from_rows(rows, tok, 512)
+    assert examples[len(sessions[0]) + 1].text.endswith("[RIYA] i live in busan now, seoul got old\n")
+
+
+def test_cli_writes_memory_examples_sft_reads(tiny_adapter, tmp_path):
+    import sft
+
+    path = tmp_path / "rows.jsonl"
+    out = script("memory.py", "examples", "--adapter", str(tiny_adapter), "--examples", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "with memory lines before their context" in out.stdout and "--examples-only" in out.stdout
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert any(r["memory_lines"] for r in rows)
+
+    class Tok:  # sft.rows_as_examples only checks and tokenises
+        def encode(self, text, start=True):
+            return text.split()
+    assert len(sft.rows_as_examples(path, Tok(), 512)) == len(rows)
