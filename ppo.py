@@ -54,7 +54,7 @@ import rlaif
 import sample
 import sft
 from cli import FRACTION, POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
-from model import continuation_logprobs, continuation_states, pad
+from model import continuation_logprobs, continuation_states, pad, token_logprobs
 from prep import load_pair, split_sessions, tag
 
 ALGOS = ("rloo", "ppo")
@@ -203,20 +203,42 @@ class Rollouts:
     score: torch.Tensor  # (B,) the reward model's normalised score, minus the unended penalty
     ended: torch.Tensor  # (B,) bool
     speakers: list  # [B] the replying tag
-    prompts: list  # [P] the step's prompts (row b answers prompts[b // k]), each with its real reply "real_ids"
-    real_ref: torch.Tensor  # (P,) the reference's log p of each prompt's real reply, summed over its tokens
+    prompts: list  # [P] the step's prompts (row b answers prompts[which[b]]), each with its real reply "real_ids"
+    which: list  # [P * k] b // k
+    real: torch.Tensor  # (P,) the policy's log p of each prompt's real reply, summed over its tokens
+    real_ref: torch.Tensor  # (P,) the reference's
 
 
-def per_token(model, prompt_ids, reply_ids, reply, temperature, micro_batch):
+def per_token(model, prompts, which, reply_ids, reply, temperature, micro_batch, met=None):
     """(B, T) log-probs of the reply tokens under model at the temperature (0 elsewhere; reply (B, T)
-    marks where they sit), micro_batch replies at a time. Each distinct prompt in a micro-batch runs
-    once (model.continuation_logprobs): a step's k replies to one prompt share its forward, and the
-    prompt is most of each sequence."""
-    out = torch.zeros(reply.shape, device=reply.device)
-    for j in range(0, len(prompt_ids), micro_batch):
+    marks where they sit), micro_batch replies at a time; and the person's real reply to each prompt
+    (prompts[which[b]] is row b's): (U,) its log p summed over its tokens, at temperature 1 (the model's
+    own distribution, as eval.py scores it), for the U prompts whose real reply this call ran, and
+    their indices. Each micro-batch is one forward (model.continuation_states): each distinct prompt
+    in it runs once, continued by its sampled replies and by the real reply of each prompt first met
+    there (met: the prompts an earlier call already ran; updated), so the real replies' NLL (PPO-ptx)
+    costs no second run of the prompts, which are most of each sequence."""
+    out, real, ran = torch.zeros(reply.shape, device=reply.device), [], []
+    met = set() if met is None else met
+    for j in range(0, len(which), micro_batch):
         part = slice(j, j + micro_batch)
-        out[part][reply[part]] = continuation_logprobs(model, prompt_ids[part], reply_ids[part], temperature)
-    return out
+        new = [i for i in dict.fromkeys(which[part]) if i not in met]
+        met.update(new)
+        continuations = reply_ids[part] + [prompts[i]["real_ids"] for i in new]
+        h = continuation_states(model, [prompts[i]["prompt_ids"] for i in which[part] + new], continuations)  # (N + M, D)
+        targets = torch.tensor([t for c in continuations for t in c], device=h.device)
+        n = int(reply[part].sum())  # the sampled replies' tokens come first, then the real replies'
+        logits = model.unembed(h)
+        out[part][reply[part]] = token_logprobs(logits[:n] / temperature, targets[:n])
+        real += [x.sum() for x in token_logprobs(logits[n:], targets[n:]).split([len(prompts[i]["real_ids"]) for i in new])]
+        ran += new
+    return out, torch.stack(real) if real else torch.zeros(0, device=reply.device), ran
+
+
+def ptx(opts: Options, real, prompts: int):
+    """gamma times the summed log p of real replies, per prompt (the RL loss's unit), or 0 without a
+    graph when gamma is 0 (the real replies then run for the log alone, and need no backward)."""
+    return opts.ptx_coef * real.sum() / prompts if opts.ptx_coef else 0.0
 
 
 def real_logprobs(model, prompts, micro_batch):
@@ -242,17 +264,17 @@ def ptx_prompts(opts: Options) -> int:
 
 
 def ptx_backward(policy, prompts, opts: Options) -> torch.Tensor:
-    """gamma times the mean NLL of the prompts' real replies (per reply, the RL loss's unit),
-    backpropagated (nothing when gamma is 0) as many prompts at a time as an RL micro-batch holds: each
-    prompt's whole forward is kept for the backward (all 8 at once took the run from 2.9 to 8 GB).
-    -> their log-probs (P,), detached, for the log."""
+    """--ptx-only's update: gamma times the mean NLL of the prompts' real replies (per reply, the RL
+    loss's unit), backpropagated as many prompts at a time as an RL micro-batch holds: each prompt's
+    whole forward is kept for the backward (all 8 at once took a run from 2.9 to 8 GB). (With RL, the
+    real replies ride in the RL loss's own forward: per_token.) -> their log-probs (P,), detached."""
     size = ptx_prompts(opts)
     out = []
     for j in range(0, len(prompts), size):
         with torch.set_grad_enabled(opts.ptx_coef > 0):
             real = real_logprobs(policy, prompts[j : j + size], size)
             if opts.ptx_coef > 0:
-                loss = -opts.ptx_coef * real.sum() / len(prompts)
+                loss = -ptx(opts, real, len(prompts))
                 if not torch.isfinite(loss):
                     raise sft.TrainingDiverged(f"the real replies' NLL became {loss.item()}")
                 loss.backward()
@@ -274,10 +296,10 @@ def collect(policy, tok, rm, prompts, opts: Options, seed: int, reward=None) -> 
     reply = torch.zeros_like(real)
     for b, (p, r) in enumerate(zip(ids, replies)):
         reply[b, len(p) : len(p) + len(r.ids)] = True
-    reply_ids = [r.ids for r in replies]
-    logp = per_token(policy, ids, reply_ids, reply, opts.temperature, opts.micro_batch)
+    reply_ids, which = [r.ids for r in replies], [b // opts.k for b in range(len(ids))]
+    logp, real, _ = per_token(policy, prompts, which, reply_ids, reply, opts.temperature, opts.micro_batch)
     with lora.disabled(policy):  # the stage-1 model
-        ref = per_token(policy, ids, reply_ids, reply, opts.temperature, opts.micro_batch)
+        ref, real_ref, _ = per_token(policy, prompts, which, reply_ids, reply, opts.temperature, opts.micro_batch)
     if reward is None:
         score = torch.cat([rm([p + r.ids for p, r in zip(ids[j : j + opts.micro_batch], replies[j : j + opts.micro_batch])])
                            for j in range(0, len(ids), opts.micro_batch)])
@@ -285,10 +307,8 @@ def collect(policy, tok, rm, prompts, opts: Options, seed: int, reward=None) -> 
         score = torch.tensor([float(reward(p, r.ids)) for p, r in zip(ids, replies)], device=device)
     ended = torch.tensor([r.ended for r in replies], device=device)
     score = score.to(device) - opts.unended_penalty * (~ended).float()
-    with lora.disabled(policy):
-        real_ref = real_logprobs(policy, prompts, ptx_prompts(opts))
     return Rollouts(ids, reply_ids, tokens, reply, logp, ref, score, ended,
-                    [p["speaker"] for p in prompts for _ in range(opts.k)], prompts, real_ref)
+                    [p["speaker"] for p in prompts for _ in range(opts.k)], prompts, which, real, real_ref)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,18 +322,20 @@ def rloo_update(policy, optimizer, params, ro: Rollouts, opts: Options) -> dict:
     rewards = ro.score - opts.kl_coef * kl  # the KL penalty on the whole reply, its one action
     advantages = rloo_advantages(rewards, opts.k)
     policy.train()
-    first_ratio, B = None, len(ro.tokens)
-    for j in range(0, B, opts.micro_batch):
+    first_ratio, B, met, real = None, len(ro.tokens), set(), torch.zeros(len(ro.prompts), device=ro.real_ref.device)
+    for j in range(0, B, opts.micro_batch):  # the micro-batches of collect's scoring forward: the same numbers
         part = slice(j, j + opts.micro_batch)
-        logp = per_token(policy, ro.prompt_ids[part], ro.reply_ids[part], ro.reply[part], opts.temperature, opts.micro_batch)
+        logp, real_part, ran = per_token(policy, ro.prompts, ro.which[part], ro.reply_ids[part], ro.reply[part],
+                                         opts.temperature, opts.micro_batch, met)
         if first_ratio is None:
             first_ratio = masked_mean(((logp - ro.logp[part]).exp() - 1).abs().detach(), ro.reply[part].float()).item()
-        # REINFORCE with the leave-one-out baseline: the mean over replies of -A * log pi(reply).
-        loss = -(advantages[part] * logp.sum(1)).sum() / B
+        # REINFORCE with the leave-one-out baseline: the mean over replies of -A * log pi(reply); and gamma
+        # times the mean NLL of the prompts' real replies.
+        loss = -(advantages[part] * logp.sum(1)).sum() / B - ptx(opts, real_part, len(ro.prompts))
         if not torch.isfinite(loss):
             raise sft.TrainingDiverged(f"the RLOO loss became {loss.item()}")
         loss.backward()
-    real = ptx_backward(policy, ro.prompts, opts)  # after the replies, so their first ratio is exact
+        real[ran] = real_part.detach()
     norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -369,7 +391,10 @@ def ppo_update(policy, critic, optimizer, params, ro: Rollouts, opts: Options, s
             rows = torch.tensor(picked, device=ro.tokens.device)
             prompt_ids, reply_ids = [ro.prompt_ids[i] for i in picked], [ro.reply_ids[i] for i in picked]
             reply = ro.reply[rows]
-            logp = per_token(policy, prompt_ids, reply_ids, reply, opts.temperature, len(rows))
+            # One forward for the minibatch, with its prompts' real replies (each prompt once): each
+            # minibatch is an optimizer step, so it carries their NLL too.
+            logp, real, mine = per_token(policy, ro.prompts, [ro.which[i] for i in picked], reply_ids, reply,
+                                         opts.temperature, len(rows))
             values = values_of(critic, prompt_ids, reply_ids, reply, opts.micro_batch)
             lp, mm = aligned(logp, reply, R)
             v, _ = aligned(values, reply, R)
@@ -377,16 +402,12 @@ def ppo_update(policy, critic, optimizer, params, ro: Rollouts, opts: Options, s
                 stats["ratio_dev"] = masked_mean(((lp - old_al[rows]).exp() - 1).abs().detach(), mm).item()
             pg, clip_frac = policy_loss(lp, old_al[rows], advantages[rows], mm, opts.clip)
             vf = value_loss(v, v_al[rows], returns[rows], mm, opts.clip)
-            loss = pg + opts.vf_coef * vf
+            loss = pg + opts.vf_coef * vf - ptx(opts, real, len(mine))
             if not torch.isfinite(loss):
                 raise sft.TrainingDiverged(f"the PPO loss became {loss.item()}")
             loss.backward()
-            # Each minibatch is an optimizer step: it carries its prompts' real replies (each prompt once).
-            mine = sorted({i // opts.k for i in picked})
-            theirs = [ro.prompts[p] for p in mine]
-            real = ptx_backward(policy, theirs, opts)
             if epoch == 0:
-                rises.append((real, ro.real_ref[mine], theirs))
+                rises.append((real.detach(), ro.real_ref[mine], [ro.prompts[i] for i in mine]))
             torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -473,13 +494,12 @@ def heldout_scores(policy, tok, rm, prompts, opts: Options, reward=None) -> tupl
     its spread, ended share and length, and the rise of the real replies' NLL over stage 1 (a small,
     quick stand-in for eval.py's); and (prompt, reply, score) rows."""
     ro = collect(policy, tok, rm, prompts, replace(opts, k=1), seed=10**6 + opts.seed, reward=reward)
-    real = real_logprobs(policy, prompts, opts.micro_batch)
     rows = [{"speaker": p["speaker"], "context": p["context"][-2:], "reply": sample.reply_text(tok, p["prompt_ids"], r),
              "score": s} for p, r, s in zip(prompts, ro.reply_ids, ro.score.tolist())]
     kl = kl_k1(ro.logp, ro.ref).sum(1)
     return {"score": ro.score.mean().item(), "score_std": ro.score.std().item() if len(prompts) > 1 else 0.0,
             "ended": ro.ended.float().mean().item(), "length": ro.reply.sum(1).float().mean().item(),
-            "kl": kl.mean().item(), "real_nll_rise": real_nll_rise(real, ro.real_ref, prompts)}, rows
+            "kl": kl.mean().item(), "real_nll_rise": real_nll_rise(ro.real, ro.real_ref, prompts)}, rows
 
 
 def distinct_2(replies: list[list[int]]) -> float:
