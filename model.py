@@ -13,6 +13,7 @@ without a sliding window and, optionally, with the output matrix tied to the emb
 Shapes: B batch, T new tokens, S keys (cached + new), D model dim, H query heads, K kv heads,
 Hd head dim, F MLP hidden dim, V vocab, N scored tokens.
 """
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,30 @@ class Mistral(nn.Module):
         this is much of the work (a fifth of SmolLM2's forward) and the largest tensor, so callers that
         need few positions (the last one when sampling, the scored ones in eval) unembed only those."""
         return linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX; Linux reports it in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_bf16(device, enabled=True):
+    """A context that runs the weight multiplications in bf16 (autocast) on a CPU that does bf16 in
+    hardware, and changes nothing elsewhere (a GPU loads bf16 weights instead; a CPU without it would
+    emulate bf16, slower than fp32). Why: on such a CPU a bf16 product runs at ~2.3x the fp32 rate,
+    which made a SmolLM2 training step or prefill ~1.8x faster on our 2 Zen 4 cores (8.7 -> 4.8 s for
+    16 sequences of ~110 tokens, forward and backward). The residual stream, norms, softmax and LoRA
+    sums stay fp32; the cost is bf16 rounding (~3 significant digits) inside each product, so use it
+    where rounding noise does not matter (reward models, RL), never where parity with a reference is
+    the point. enabled=False is fp32 inside, even within an enabled one (a reward model trained in fp32
+    scores in fp32 inside a bf16 RL step)."""
+    on = enabled and torch.device(device).type == "cpu" and native_bf16()
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
 
 
 # Hook helpers: one-line call sites for reading and writing the residual stream.

@@ -201,7 +201,10 @@ def generate_ids(model, prompt_ids: list[list[int]], opts: Options, ends=None, h
         done |= stops[next_ids]
         if done.all():
             break
-        logits = model(next_ids[:, None], cache=cache, hooks=hooks)[:, -1]
+        # Decoding runs in fp32 even inside model.cpu_bf16: a step is bound by reading the weights, and
+        # autocast would add a bf16 copy of every weight per token (measured 102 -> 129 ms for 16 rows).
+        with torch.autocast("cpu", enabled=False):
+            logits = model(next_ids[:, None], cache=cache, hooks=hooks)[:, -1]
     new = history[:, T:]
     hit = stops[new[:, :n]]  # (B, n): where turns end; a reply keeps its tokens up to its first
     lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, n).tolist()

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY, random_tokens, script
-from model import BadInput, KVCache, add, capture, config_from_hf, load_checkpoint, load_model
+from model import BadInput, KVCache, add, capture, config_from_hf, cpu_bf16, load_checkpoint, load_model, native_bf16
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 L = TINY["num_hidden_layers"]
@@ -324,3 +324,17 @@ def test_continuations_after_a_shared_prefix_equal_one_forward_each_in_value_and
     weights = torch.linspace(-1, 1, len(expected))  # any loss that weighs every token differently
     for g_ours, g_expected in zip(grads((ours * weights).sum()), grads((expected * weights).sum())):
         torch.testing.assert_close(g_ours, g_expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_bf16_multiplies_in_bf16_only_where_the_cpu_does_it_in_hardware():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    with cpu_bf16("cpu"):
+        y = torch.nn.functional.linear(x, w)
+    if native_bf16():
+        assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x.bfloat16(), w.bfloat16()))
+    else:
+        assert torch.equal(y, torch.nn.functional.linear(x, w))
+    with cpu_bf16("cpu", enabled=False):
+        assert torch.nn.functional.linear(x, w).dtype == torch.float32
+    with cpu_bf16("cpu"), cpu_bf16("cpu", enabled=False):  # off inside on: fp32
+        assert torch.nn.functional.linear(x, w).dtype == torch.float32

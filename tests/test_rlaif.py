@@ -14,7 +14,7 @@ import rlaif
 import sft
 from cli import BadInput
 from conftest import FakeServer, script
-from model import load_tokenizer
+from model import load_tokenizer, native_bf16
 
 KEY = "sk-rlaif-test-never-print-me"
 
@@ -29,9 +29,10 @@ def test_the_soft_label_loss_is_the_bradley_terry_likelihood_by_hand():
 
 @pytest.fixture
 def rm(tiny_chat_dir, tiny_adapter):
-    """A reward model on the tiny model with a random LoRA and head: its scores are not constant."""
+    """A reward model on the tiny model with a random LoRA and head: its scores are not constant. In fp32:
+    these tests check exact invariances; test_bf16_... the fast default's."""
     tuned = sft.load_tuned(str(tiny_adapter))
-    model = rlaif.reward_model(tuned, rlaif.Options(lora_r=4, lora_alpha=8))
+    model = rlaif.reward_model(tuned, rlaif.Options(lora_r=4, lora_alpha=8, fp32=True))
     torch.manual_seed(3)
     with torch.no_grad():
         for p in rlaif.rm_parameters(model).values():
@@ -55,6 +56,22 @@ def test_the_score_is_read_at_the_last_real_token_whatever_the_padding(rm):
         tokens = torch.tensor([rows[1] + [0, 0]])
         naive = model.head(model.model(tokens, unembed=False)[0, -1]).item()
     assert abs(naive - alone[1].item()) > 1e-3
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no bf16 in hardware: the default is fp32 here")
+def test_bf16_scores_round_near_fp32_and_stay_at_the_last_real_token(rm):
+    model, _ = rm
+    rows = [[5, 9, 33, 10, 7], [5, 9, 2], [8, 1, 4, 4, 4, 4, 4, 9, 198]]
+    with torch.no_grad():
+        exact = model(rows)
+        model.bf16 = True
+        alone = torch.cat([model([r]) for r in rows])
+        right, left = model(rows), model(rows, left=True)
+        model.bf16 = False
+    spread = exact.max() - exact.min()
+    assert 0 < (alone - exact).abs().max() < 0.05 * spread  # rounded, so not fp32's numbers, but near them
+    torch.testing.assert_close(right, alone, atol=0.02 * spread.item(), rtol=0)  # padding moves a score by rounding only
+    torch.testing.assert_close(left, alone, atol=0.02 * spread.item(), rtol=0)
 
 
 def planted_pairs(tok, n, seed):
@@ -95,7 +112,7 @@ def test_pairs_run_in_pieces_get_the_gradient_of_the_whole_batch(tiny_chat_dir, 
     import sft
 
     tok = load_tokenizer(tiny_chat_dir)
-    rm = rlaif.reward_model(sft.load_tuned(str(tiny_adapter)), rlaif.Options(lora_r=4, lora_alpha=8))
+    rm = rlaif.reward_model(sft.load_tuned(str(tiny_adapter)), rlaif.Options(lora_r=4, lora_alpha=8, fp32=True))
     params = rlaif.rm_parameters(rm)
     with torch.no_grad():
         for name, p in params.items():  # LoRA's B starts at zero, which would leave A's gradient zero
