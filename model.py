@@ -353,10 +353,11 @@ def cpu_bf16(device, enabled=True):
     hardware, and changes nothing elsewhere (a GPU loads bf16 weights instead; a CPU without it would
     emulate bf16, slower than fp32). Why: on such a CPU a bf16 product runs at ~2.3x the fp32 rate,
     which made a SmolLM2 training step or prefill ~1.8x faster on our 2 Zen 4 cores (8.7 -> 4.8 s for
-    16 sequences of ~110 tokens, forward and backward). The residual stream, norms, softmax and LoRA
-    sums stay fp32; the cost is bf16 rounding (~3 significant digits) inside each product, so use it
-    where rounding noise does not matter (reward models, RL), never where parity with a reference is
-    the point. enabled=False is fp32 inside, even within an enabled one (a reward model trained in fp32
+    16 sequences of ~110 tokens, forward and backward). The residual stream, the norms' statistics and
+    the weights themselves (LoRA's too) stay fp32; each product and its output are rounded to bf16 (~3
+    significant digits; a LoRA update smaller than that in a layer's output is lost in the forward,
+    though its gradient is not), so use it where rounding noise does not matter (reward models, RL),
+    never where parity with a reference is the point. enabled=False is fp32 inside, even within an enabled one (a reward model trained in fp32
     scores in fp32 inside a bf16 RL step)."""
     on = enabled and torch.device(device).type == "cpu" and native_bf16()
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)

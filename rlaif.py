@@ -810,8 +810,8 @@ def plot_rm(log, path):
 # eval-rm: is the reward model sane, and is it more than a length detector?
 
 def heldout_pairs(opts: Options, tuned, tags, held_out, speakers, data) -> list[dict]:
-    """Real-vs-sample pairs on held-out prompts, made once per (stage-1 adapter, seed, count) and kept
-    in --out (sampling them is most of eval-rm's time)."""
+    """Real-vs-sample pairs on held-out prompts, made once per (stage-1 adapter, seed, count,
+    precision) and kept in --out (sampling them is most of eval-rm's time)."""
     path = Path(opts.out) / "heldout_pairs.jsonl"
     key = {"stage1_sha256": stage1_hash(tuned.adapter), "seed": opts.seed, "n": opts.heldout, "speakers": speakers,
            "bf16": not opts.fp32}
