@@ -15,16 +15,19 @@ statements. Steering at layer S adds alpha_pos * v_pos - alpha_neg * v_neg to re
 of the prompt and of every decoded token (ActAdd, https://arxiv.org/abs/2308.10248; contrastive
 activation addition, https://arxiv.org/abs/2312.06681). A small grid and --trials random settings of
 (L, S, pooling, alpha_pos, alpha_neg) are tried on the selection half of the file's prompts (the test
-half is eval's) under three bounds against the same model unsteered: the KL divergence of next-token
-distributions on neutral chat lines (--max-kl), the perplexity it gives to steered replies over the
-one it gives to its own (--max-ppl-ratio), and the cost to the person, the rise in NLL of the
-replier's real messages from the training sessions (--max-nll-rise; the KL on neutral lines did not
-predict it: eval measured +0.13 nats/token on held-out messages for a setting at KL 0.06 of the 0.2
-allowed). Within all three, the setting whose sampled
-replies VADER finds happiest is saved to out/steer/NAME.safetensors (tensors v_pos, v_neg; metadata:
-model, adapter, layers, pooling, alphas, scores on both halves) and a few of its replies are printed
-next to unsteered ones. (The first-token concept score, log p(a positive concept word opens the
-reply) - log p(a negative one), is still reported.)
+half is eval's) and real contexts from the training sessions, under three bounds against the same model
+unsteered: the KL divergence of next-token distributions on neutral chat lines (--max-kl), the
+perplexity it gives to steered replies over the one it gives to its own (--max-ppl-ratio), and the cost
+to the person, the rise in NLL of the replier's real messages from the training sessions
+(--max-nll-rise; the KL on neutral lines did not predict it: eval measured +0.13 nats/token on held-out
+messages for a setting at KL 0.06 of the 0.2 allowed). Each drawn setting is first scaled along its own
+direction until that rise lies just under its bound, so that directions are compared at equal cost.
+Within all three bounds, the setting whose sampled replies VADER finds happiest is saved to
+out/steer/NAME.safetensors (tensors v_pos, v_neg; metadata: model, adapter, layers, pooling, alphas,
+scores on both halves) and a few of its replies are printed next to unsteered ones. (The first-token
+concept score, log p(a positive concept word opens the reply) - log p(a negative one), is still
+reported.) Measured on SmolLM2 (README): scaled to equal cost, the directions' reply scores differ by
+about their noise (2 replies per prompt), so the winner is partly luck.
 
 eval: whole sampled replies to the test prompts and real held-out contexts, at several alphas, for the
 saved vector, a random direction of the same norm at the same layer, and the replier's own upbeat (or
@@ -73,7 +76,7 @@ class Options:
     allow_other_base: Annotated[bool, "load the adapter even onto a base model other than the one it was "
                                       "trained on"] = False
     model: Annotated[str, f"base model (default: the adapter's; with --base, {sft.Options.model})"] = ""
-    trials: Annotated[int, "search: random settings tried after the grid", Range(0)] = 24
+    trials: Annotated[int, "search: random settings tried after the grid", Range(0)] = 16
     max_distance: Annotated[int, "search: the steering layer lies at most this many layers from the "
                                  "extraction layer", Range(0)] = 4
     max_kl: Annotated[float, "coherence bound: mean KL(unsteered || steered) per token on the neutral "
@@ -82,9 +85,9 @@ class Options:
                                     "model, over that of unsteered replies", POSITIVE] = 2.0
     max_nll_rise: Annotated[float, "bound on the cost to the person: the rise in mean NLL per token of real "
                                    "messages of the replier from the training sessions (eval measures held-out "
-                                   "ones), in nats", POSITIVE] = 0.03
+                                   "ones), in nats; the search scales each setting to just under it", POSITIVE] = 0.03
     cost_messages: Annotated[int, "search, probe: training-session messages of the replier for that bound",
-                             Range(1)] = 16
+                             Range(1)] = 48
     sample_tokens: Annotated[int, "longest reply sampled for the perplexity check, in tokens", Range(1)] = 20
     layer: Annotated[int, "probe: the site resid.L it reads and steers; -1 = the middle layer", Range(-1)] = -1
     l2: Annotated[float, "probe: L2 penalty on its weights", Range(0)] = 1e-2
@@ -94,7 +97,8 @@ class Options:
                          "CONCEPT_probe; eval: the vector to judge, a name or a path)"] = ""
     alphas: Annotated[str, "eval: multiples of the saved setting to try, comma-separated"] = "-2,-1,-0.5,0,0.5,1,2"
     replies: Annotated[int, "eval: sampled replies per prompt and condition (the same seeds in each)", Range(1)] = 8
-    contexts: Annotated[int, "eval: real contexts from held-out sessions added to the test prompts", Range(0)] = 16
+    contexts: Annotated[int, "real contexts of the replier added to the prompts: search, from training sessions "
+                             "to the selection half; eval, from held-out sessions to the test half", Range(0)] = 16
     held_out: Annotated[int, "eval: real held-out messages of the replier whose NLL measures the cost", Range(1)] = 64
     bootstrap: Annotated[int, "eval: bootstrap resamples for each interval", Range(100)] = 2000
     seed: Annotated[int, "seed for the random settings, the sampled replies and the probe's split"] = 0
@@ -274,22 +278,22 @@ def unsteered(model, tok, data, opts: Options) -> dict:
             "nll": held_out_nll(model, tok, data["cost"])}
 
 
-def score(model, tok, data, ref: dict, hooks, opts: Options) -> dict:
+def score(model, tok, data, ref: dict, hooks, opts: Options, nll_rise=None) -> dict:
     """One steering setting (as hooks): its first-token concept score, KL, and, when the KL is within
     its bound, the whole-reply score (VADER over sampled replies) and perplexity ratio, and when that
-    too is within bounds, the rise in NLL of the replier's real messages (data["cost"]); whether all
-    three bounds hold. Each later measure runs only when the earlier bounds hold: a setting already
-    out costs no more time."""
+    too is within bounds, the rise in NLL of the replier's real messages (data["cost"]; nll_rise: that
+    rise, already measured); whether all three bounds hold. Each later measure runs only when the
+    earlier bounds hold: a setting already out costs no more time."""
     concept = concept_score(model, tok, data["prompts"], ref["words"], hooks)
     kl = kl_divergence(ref["neutral"], next_token_logprobs(model, tok, data["neutral"], hooks))
-    ratio = reply_score = nll_rise = None
+    ratio = reply_score = None
     if kl <= opts.max_kl:
         asked, replies = replies_to(model, tok, data["prompts"], opts, hooks)
         ratio = perplexity(model, tok, asked, replies) / ref["ppl"]
         reply_score = vader(replies).mean().item()
-    if ratio is not None and ratio <= opts.max_ppl_ratio:
+    if ratio is not None and ratio <= opts.max_ppl_ratio and nll_rise is None:
         nll_rise = held_out_nll(model, tok, data["cost"], hooks) - ref["nll"]
-    ok = nll_rise is not None and nll_rise <= opts.max_nll_rise
+    ok = ratio is not None and ratio <= opts.max_ppl_ratio and nll_rise <= opts.max_nll_rise  # ratio: the KL held
     return {"concept": concept, "reply_score": reply_score, "kl": kl, "ppl_ratio": ratio, "nll_rise": nll_rise, "ok": ok}
 
 
@@ -307,7 +311,9 @@ def score(model, tok, data, ref: dict, hooks, opts: Options) -> dict:
 # pooling, resid.10: 112 against 9.8), so a small difference in the alphas is already a large push: that
 # is what the coherence bounds police. On SmolLM2 (mean pooling, layers 10 and 20) the KL on the neutral
 # lines stays under 0.2 nats up to r ~ 0.2, reaches 0.5 near r = 0.4 and 2.5-5 at r = 1, while the
-# concept score levels off above r ~ 0.3; so the search tries r from 0.05 to 0.35 and |t| up to 0.15.
+# concept score levels off above r ~ 0.3; so the search draws r from 0.05 to 0.35 and |t| up to 0.15,
+# and then scales both to the cost bound (to_the_bound, below): what it draws is a direction, t / r, and
+# a first guess at the strength.
 #
 # The bounds' defaults: a setting is saved as ALPHA 1 of a knob (sample.py --steer happy:2 is twice it).
 # On SmolLM2 twice a setting at KL 0.5 was word salad, while twice one at KL 0.2 still read as chat
@@ -332,12 +338,12 @@ def alphas(s: Setting, vectors: dict, norms) -> tuple[float, float]:
 
 
 def settings(n_layers: int, trials: int, max_distance: int, seed: int) -> list[Setting]:
-    """A small grid (the contrastive vector read and added at a third, half and two thirds of the depth,
-    three strengths), then `trials` random settings. Sites resid.1 .. resid.{n_layers - 1} only:
+    """A small grid (the contrastive vector read and added at a third, half and two thirds of the depth),
+    then `trials` random settings. Sites resid.1 .. resid.{n_layers - 1} only:
     resid.0 is the token embedding and resid.{n_layers} goes straight to the unembedding (a bias on the
     logits), whereas a push between blocks leaves later blocks to turn it into what is said."""
     middle = sorted({n_layers // 3, n_layers // 2, 2 * n_layers // 3} - {0})
-    grid = [Setting(L, L, "mean", r, 0.0) for L in middle for r in (0.1, 0.2, 0.3)]
+    grid = [Setting(L, L, "mean", 0.1, 0.0) for L in middle]  # one strength: to_the_bound scales it
     rng = random.Random(seed)
     for _ in range(trials):
         L = rng.randint(1, n_layers - 1)
@@ -345,6 +351,40 @@ def settings(n_layers: int, trials: int, max_distance: int, seed: int) -> list[S
         grid.append(Setting(L, S, rng.choice(("mean", "last")), round(rng.uniform(0.05, 0.35), 2),
                             round(rng.uniform(-0.15, 0.15), 2)))
     return grid
+
+
+# Every direction is compared at the same cost. The rise in the replier's NLL grows faster than the push
+# (SmolLM2, eval's held-out messages: alpha 0.5 -> 1 raised it 0.036 -> 0.131 at resid.20 and 0.018 ->
+# 0.053 at resid.26; the search's training messages: r 0.1 -> 0.062 at resid.20, 0.071 -> 0.036, about
+# r^1.5), the whole-reply score about linearly. So ranking settings at the strength they were drawn at
+# ranks pushes, not directions: it chose a weak direction that happened to be drawn gently (resid.26:
+# VADER +0.106 for +0.053 nats) over a better one drawn too hard (resid.20 at half its drawn strength:
+# +0.150 for +0.036). Each drawn setting is therefore measured, scaled along its own direction to
+# AIM * bound by the power law rise ~ r^k (k = 1.5 at first, then fitted to the last two measures), and
+# measured again, at most twice, until its rise lies within [AIM^2 * bound, bound]; then the other
+# bounds and the score are read at that strength.
+AIM = 0.9  # aim a little under the bound: the power law is only roughly so
+FIRST_POWER = 1.5
+MAX_SCALE = 3.0  # a direction that costs nearly nothing is pushed at most 3x per step, not to infinity
+
+
+def to_the_bound(s: Setting, rise_of, bound: float) -> tuple[Setting, float, list]:
+    """s scaled along its direction until rise_of(setting), its NLL rise, lies just under bound:
+    (the last setting measured, its rise, [[r, rise], ...] for every measure)."""
+    rise = rise_of(s)
+    tried = [[s.r, rise]]
+    for _ in range(2):
+        if AIM ** 2 * bound <= rise <= bound:
+            break
+        k = FIRST_POWER
+        if len(tried) > 1 and min(tried[-1][1], tried[-2][1]) > 0 and tried[-1][0] != tried[-2][0]:
+            (r0, c0), (r1, c1) = tried[-2:]
+            k = min(3.0, max(1.0, math.log(c1 / c0) / math.log(r1 / r0)))  # the law as measured here
+        f = min(MAX_SCALE, (AIM * bound / rise) ** (1 / k)) if rise > 0 else MAX_SCALE
+        s = Setting(s.extract, s.steer, s.pooling, s.r * f, s.t * f)
+        rise = rise_of(s)
+        tried.append([s.r, rise])
+    return s, rise, tried
 
 
 def replies_side_by_side(model, tok, prompts, conditions: dict, opts: Options, n=2) -> dict:
@@ -370,18 +410,29 @@ def search(opts: Options) -> dict:
     data = {**data, "prompts": selection}  # the test half is eval's alone
     tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
     model, tok, name, adapter = tuned.model, tuned.tok, tuned.base_model, tuned.adapter
-    data["cost"] = spread(replier_examples(tuned, replier(selection), False, opts), opts.cost_messages)
+    # The replier's training-session messages: every other one's reply for the cost bound, and real
+    # contexts from the rest beside the file's prompts (eval likewise adds held-out ones to its half).
+    speaker = replier(selection)
+    theirs = replier_examples(tuned, speaker, False, opts)
+    data["cost"] = spread(theirs[0::2], opts.cost_messages)
+    data["prompts"] = selection + [e.text[: e.cut] for e in spread([e for e in theirs[1::2] if e.text[: e.cut] != speaker],
+                                                                   opts.contexts)]
     vectors = contrast_vectors(model, tok, data["pairs"])
-    norms = pooled_streams(model, tok, data["prompts"])["norm"].mean(1)  # (L,): the stream's mean norm
+    norms = pooled_streams(model, tok, selection)["norm"].mean(1)  # (L,): the stream's mean norm
     ref = unsteered(model, tok, data, opts)
+
+    def hooks_of(s: Setting) -> dict:
+        v_pos, v_neg = (v[s.extract] for v in vectors[s.pooling])
+        return {f"resid.{s.steer}": sample.steering_hook(v_pos, v_neg, *alphas(s, vectors, norms))}
+
+    rise_of = lambda s: held_out_nll(model, tok, data["cost"], hooks_of(s)) - ref["nll"]
     rows = []
     for s in cli.progress(settings(model.cfg.n_layers, opts.trials, opts.max_distance, opts.seed), desc="search",
-                  unit="setting"):
+                          unit="setting"):
+        s, rise, tried = to_the_bound(s, rise_of, opts.max_nll_rise)
         alpha_pos, alpha_neg = alphas(s, vectors, norms)
-        v_pos, v_neg = (v[s.extract] for v in vectors[s.pooling])
-        hooks = {f"resid.{s.steer}": sample.steering_hook(v_pos, v_neg, alpha_pos, alpha_neg)}
-        rows.append({**asdict(s), "alpha_pos": alpha_pos, "alpha_neg": alpha_neg,
-                     **score(model, tok, data, ref, hooks, opts)})
+        rows.append({**asdict(s), "alpha_pos": alpha_pos, "alpha_neg": alpha_neg, "tried": tried,
+                     **score(model, tok, data, ref, hooks_of(s), opts, nll_rise=rise)})
     accepted = [r for r in rows if r["ok"]]
     result = {"concept": data["concept"], "model": name, "adapter": adapter,
               "unsteered": {"concept": ref["concept"], "ppl": ref["ppl"], "reply_score": ref["reply_score"]},
@@ -416,20 +467,22 @@ def search(opts: Options) -> dict:
 def markdown(result: dict) -> str:
     u = result["unsteered"]
     out = [f"Concept {result['concept']!r} on {result['model']}, adapter {result['adapter'] or 'none'}, on the "
-           f"selection half of the prompts. Unsteered: reply score (VADER) {u['reply_score']:.3f}, first-token "
+           f"selection half of the prompts and real contexts from training sessions. Unsteered: reply score (VADER) {u['reply_score']:.3f}, first-token "
            f"concept score {u['concept']:.2f}, perplexity of its replies {u['ppl']:.2f}. r, t: the push along "
-           "v_pos - v_neg and along their mean, as fractions of the stream's norm. Best reply score within the "
-           "bounds first; '-' = not measured (an earlier bound already rules it out).", "",
-           "| extract | steer | pooling | r | t | alpha_pos | alpha_neg | reply score | concept | KL | ppl ratio | NLL rise | ok |",
-           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "v_pos - v_neg and along their mean, as fractions of the stream's norm, after scaling to the NLL bound "
+           "(scaled: r -> NLL rise at each measure). Best reply score within the bounds first; '-' = not measured "
+           "(an earlier bound already rules it out).", "",
+           "| extract | steer | pooling | r | t | alpha_pos | alpha_neg | reply score | concept | KL | ppl ratio | NLL rise | scaled | ok |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     key = lambda r: (not r["ok"], -(r["reply_score"] if r["reply_score"] is not None else -math.inf), -r["concept"])
     for r in sorted(result["rows"], key=key):
         ratio = "-" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         reply = "-" if r["reply_score"] is None else f"{r['reply_score']:.3f}"
         rise = "-" if r.get("nll_rise") is None else f"{r['nll_rise']:+.3f}"
-        out.append(f"| {r['extract']} | {r['steer']} | {r['pooling']} | {r['r']:.2f} | {r['t']:+.2f} | "
+        scaled = " -> ".join(f"{x:.3f}: {y:+.3f}" for x, y in r.get("tried", []))
+        out.append(f"| {r['extract']} | {r['steer']} | {r['pooling']} | {r['r']:.3f} | {r['t']:+.3f} | "
                    f"{r['alpha_pos']:.3f} | {r['alpha_neg']:.3f} | {reply} | {r['concept']:.2f} | {r['kl']:.3f} | {ratio} | {rise} | "
-                   f"{'yes' if r['ok'] else 'no'} |")
+                   f"{scaled} | {'yes' if r['ok'] else 'no'} |")
     return "\n".join(out)
 
 

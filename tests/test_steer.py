@@ -138,9 +138,31 @@ def test_alphas_push_by_r_along_the_contrast_and_t_along_the_common_mean():
         steer.alphas(steer.Setting(0, 0, "mean", r=0.3, t=0.0), vectors, norms)[1]
 
 
+def test_each_setting_is_scaled_along_its_own_direction_to_just_under_the_cost_bound():
+    bound = 0.03
+    # A cost that grows as r^2 (the first step assumes r^1.5, the next fits the power from two measures)
+    # and one that grows as r^1.2: both land in [AIM^2 * bound, bound] within the measures allowed.
+    for k in (2.0, 1.2):
+        measured = []
+        rise_of = lambda s, measured=measured, k=k: measured.append(s) or 0.5 * s.r ** k
+        s, rise, tried = steer.to_the_bound(steer.Setting(20, 20, "mean", 0.3, 0.06), rise_of, bound)
+        assert steer.AIM ** 2 * bound <= rise <= bound and rise == pytest.approx(0.5 * s.r ** k)
+        assert s.t / s.r == pytest.approx(0.06 / 0.3, rel=1e-3) and (s.extract, s.steer, s.pooling) == (20, 20, "mean")
+        assert [x.r for x in measured] == [r for r, _ in tried] and len(tried) <= 3
+    # already within: measured once, unchanged
+    s0 = steer.Setting(10, 11, "last", 0.1, 0.0)
+    assert steer.to_the_bound(s0, lambda s: 0.028, bound) == (s0, 0.028, [[0.1, 0.028]])
+    # a push that costs nothing grows by at most MAX_SCALE per measure; one whose cost cannot get
+    # under the bound comes back over it, for the bound to reject
+    s, rise, tried = steer.to_the_bound(s0, lambda s: 0.0, bound)
+    assert s.r == pytest.approx(0.1 * steer.MAX_SCALE ** 2) and rise == 0.0 and len(tried) == 3
+    s, rise, tried = steer.to_the_bound(s0, lambda s: 1.0, bound)
+    assert rise > bound and len(tried) == 3
+
+
 def test_random_settings_keep_the_steering_layer_near_the_extraction_layer():
     tried = steer.settings(n_layers=30, trials=200, max_distance=3, seed=0)
-    assert len(tried) == 9 + 200 and tried == steer.settings(30, 200, 3, 0)
+    assert len(tried) == 3 + 200 and tried == steer.settings(30, 200, 3, 0)
     assert all(1 <= s.extract <= 29 and 1 <= s.steer <= 29 and abs(s.steer - s.extract) <= 3 for s in tried)
     assert {s.pooling for s in tried} == {"mean", "last"} and any(s.t != 0 for s in tried)
 
@@ -268,9 +290,18 @@ def test_the_search_never_sees_the_test_prompts(smol, monkeypatch, tmp_path):
                          cost_messages=2)
     result = steer.search(opts)
     selection, test = (set(x) for x in steer.split_prompts(steer.read_pairs(PAIRS)["prompts"], 0))
-    # Choosing: the unsteered replies and the one setting's, on the selection half; then the chosen
-    # setting and the unsteered model on the test half, recorded only; then samples to print.
-    assert calls[0] == calls[1] == selection and calls[2] == calls[3] == test
+    import sft
+
+    tuned = sft.load_tuned(base=True)
+    trained = {e.text[: e.cut] for e in steer.replier_examples(tuned, "[FRIEND]", False, opts)}
+    held_out = {e.text[: e.cut] for e in steer.replier_examples(tuned, "[FRIEND]", True, opts)}
+    # Choosing: the unsteered replies and the one setting's, on the selection half and real contexts
+    # from training sessions; then the chosen setting and the unsteered model on the test half,
+    # recorded only; then samples to print, from the selection half.
+    contexts = calls[0] - selection
+    assert calls[0] == calls[1] and selection <= calls[0] and len(contexts) == opts.contexts
+    assert contexts <= trained and not contexts & held_out and not calls[0] & test
+    assert calls[2] == calls[3] == test
     assert all(c <= selection for c in calls[4:])
     _, _, meta = sample.read_steering(result["path"])
     assert {"selection_reply_score", "test_reply_score", "unsteered_test_reply_score"} <= set(meta)
