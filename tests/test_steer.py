@@ -298,14 +298,25 @@ def test_the_search_never_sees_the_test_prompts(smol, monkeypatch, tmp_path):
     # Choosing: the unsteered replies and the one setting's, on the selection half and real contexts
     # from training sessions; then the chosen setting and the unsteered model on the test half,
     # recorded only; then samples to print, from the selection half.
+    # The screen, then the re-score of its best (unsteered and the setting), on the same prompts.
     contexts = calls[0] - selection
-    assert calls[0] == calls[1] and selection <= calls[0] and len(contexts) == opts.contexts
+    assert calls[0] == calls[1] == calls[2] == calls[3] and selection <= calls[0] and len(contexts) == opts.contexts
     assert contexts <= trained and not contexts & held_out and not calls[0] & test
-    assert calls[2] == calls[3] == test
-    assert all(c <= selection for c in calls[4:])
+    assert calls[4] == calls[5] == test
+    assert all(c <= selection for c in calls[6:])
     _, _, meta = sample.read_steering(result["path"])
     assert {"selection_reply_score", "test_reply_score", "unsteered_test_reply_score"} <= set(meta)
     assert float(meta["selection_reply_score"]) == result["best"]["reply_score"]
+    assert float(meta["rescored_reply_score"]) == result["best"]["rescored"]
+
+
+def test_the_rescore_of_the_screens_best_few_chooses():
+    rows = [{"name": n, "reply_score": screen} for n, screen in (("a", 0.5), ("b", 0.4), ("c", 0.3), ("d", 0.2))]
+    again = {"a": 0.1, "b": 0.3, "c": 0.2, "d": 0.9}  # d would win, but the screen ranks it out of the top 3
+    asked = []
+    best = steer.choose(rows, lambda r: asked.append(r["name"]) or again[r["name"]], 3)
+    assert best["name"] == "b" and sorted(asked) == ["a", "b", "c"] and rows[0]["rescored"] == 0.1
+    assert steer.choose(rows, lambda r: 1 / 0, 0)["name"] == "a"  # 0: the screen chooses, nothing re-scored
 
 
 def test_the_searchs_cost_messages_come_from_training_sessions_and_evals_from_held_out_ones(tiny_adapter, monkeypatch):
