@@ -463,11 +463,10 @@ def search(opts: Options) -> dict:
         # again with --replies per prompt, and that score chooses (see choose).
         rescore = lambda hooks: vader(replies_to(model, tok, data["prompts"], opts, hooks, n=opts.replies)[1]).mean().item()
         result["unsteered"]["rescored_reply_score"] = rescore(None) if opts.rescore else None
-        fields = ("extract", "steer", "pooling", "r", "t")
-        best = result["best"] = choose(accepted, lambda r: rescore(hooks_of(Setting(*(r[k] for k in fields)))),
-                                       opts.rescore)
+        setting_of = lambda row: Setting(*(row[k] for k in ("extract", "steer", "pooling", "r", "t")))
+        best = result["best"] = choose(accepted, lambda row: rescore(hooks_of(setting_of(row))), opts.rescore)
         v_pos, v_neg = (v[best["extract"]] for v in vectors[best["pooling"]])
-        hooks = {f"resid.{best['steer']}": sample.steering_hook(v_pos, v_neg, best["alpha_pos"], best["alpha_neg"])}
+        hooks = hooks_of(setting_of(best))
         on_test = lambda h: vader(replies_to(model, tok, test, opts, h)[1]).mean().item()  # recorded, never chosen on
         result["test"] = {"reply_score": on_test(hooks), "unsteered_reply_score": on_test(None)}
         path = result["path"] = Path("out/steer") / f"{opts.name or data['concept']}.safetensors"
