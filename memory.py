@@ -344,7 +344,8 @@ def main():
         print(f"wrote {path}: {len(rows)} rows, the training sessions' messages of {data.data}; {len(with_memory)} "
               f"with memory lines before their context (mean {np.mean(with_memory or [0]):.1f} lines). Train on them: "
               f"python sft.py --examples {path} --examples-only --init-adapter {opts.adapter} "
-              f"--out out/memory_ft{'' if opts.budget else '_control'}")
+              f"--max-len {data.max_len + opts.budget} --out out/memory_ft{'' if opts.budget else '_control'} "
+              f"(--max-len: room for the memory lines, which an example too long loses first)")
     elif command == "build":
         entries = build(messages, data.session_gap_hours, data.val_frac, opts.all_sessions)
         save(entries, path)
