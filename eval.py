@@ -23,8 +23,9 @@ turn: exactly the tokens sft.py trains on) under
         scored from the server's prompt log-probs (bits per character: another tokenizer)
     (h) the fine-tuned model, short context plus memory.py's memory of the training sessions (what
         each person said about themselves), recalled for the context, --memory-tokens of it; also on
-        the messages that reuse a rare word the same person wrote before, and a consistency test:
-        remembered facts asked for in fresh seeded sessions, with and without the memory
+        the messages that reuse a rare word the same person wrote before (with the share of their NLL
+        those words carry: the room a memory has there), and a consistency test: remembered facts
+        asked for in fresh seeded sessions, with and without the memory
 
 in nats per token and bits per character, with paired bootstrap 95% intervals for each contrast.
 Then: who said this (is a message likelier after its real author's tag?), who talks next, statistics
@@ -314,15 +315,44 @@ def memory_retriever(entries, tok, budget: int):
     return retrieve
 
 
-def rare_reuse(train_sessions, held_out, tags, speaker_tag, max_messages=5) -> set:
-    """Keys (s, i) of the held-out messages of speaker_tag that reuse a rare word the same person wrote
-    in a training session: 4+ letters, in at most max_messages training messages of either person (a
-    name, a place, a hobby): where a memory can help most."""
+def rare_words(train_sessions, tags, speaker_tag, max_messages=5) -> set:
+    """The words of 4+ letters speaker_tag wrote in a training session that are in at most max_messages
+    training messages of either person: a name, a place, a hobby."""
     count = Counter(w for s in train_sessions for m in s for w in set(words(one_line(m.text))))
     theirs = {w for s in train_sessions for m in s if tags[m.speaker] == speaker_tag for w in words(one_line(m.text))}
-    rare = {w for w in theirs if count[w] <= max_messages and len(w) >= 4 and w.isalpha()}
+    return {w for w in theirs if count[w] <= max_messages and len(w) >= 4 and w.isalpha()}
+
+
+def rare_reuse(train_sessions, held_out, tags, speaker_tag, max_messages=5) -> set:
+    """Keys (s, i) of the held-out messages of speaker_tag that reuse one of its rare_words: where a
+    memory can help most."""
+    rare = rare_words(train_sessions, tags, speaker_tag, max_messages)
     return {(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
             if tags[m.speaker] == speaker_tag and rare & set(words(one_line(m.text)))}
+
+
+@torch.inference_mode()
+def word_share(model, tok, held_out, tags, keys, chosen: set, context_messages, max_len) -> float:
+    """The share of the summed NLL of the messages keys (scored as short_context scores them) that falls
+    on the tokens of their words in chosen: were those tokens certain, the messages' NLL would fall by
+    this share, so it bounds what supplying those words can save (a memory holding the rare word a
+    message reuses saves at most this on the rare-word messages, unless it changes the other tokens).
+    A token is a word's when the characters it decodes to overlap the word's."""
+    total = on_words = 0.0
+    for s, i in sorted(keys):
+        m = held_out[s][i]
+        tokens, mask, _, _ = encode_example(tok, held_out[s][i - min(context_messages, i) : i], m, tags, max_len)
+        if not any(mask):
+            continue
+        n = mask.index(True)
+        nll = (-scored_logprobs(model, torch.tensor([tokens]), torch.tensor([mask]))).tolist()  # one per target token
+        ends = [len(tok.decode(tokens[n : j + 1])) for j in range(n, len(tokens))]  # where each token's text ends
+        text = tok.decode(tokens[n:]).lower()
+        spans = [(x.start(), x.end()) for x in re.finditer(r"\w+", text) if x.group() in chosen]
+        for x, start, end in zip(nll, [0] + ends[:-1], ends):
+            total += x
+            on_words += x * any(a < end and start < b for a, b in spans)
+    return on_words / total if total else 0.0
 
 
 def restricted(scores: Scores, keys) -> Scores:
@@ -1037,7 +1067,17 @@ def evaluate(opts: Options) -> dict:
         rare = rare_reuse(train_sessions, held_out, tags, speaker_tag)
         named |= {"h_rare": restricted(h, rare), "c_rare": restricted(c, rare),
                   "h_rest": restricted(h, h.nll.keys() - rare), "c_rest": restricted(c, c.nll.keys() - rare)}
+        # How much room there is: the share of (c)'s NLL on those messages that their rare words carry, and
+        # how many of them find their rare word in the memory recalled for their context at all.
+        rare_set, rare_keys = rare_words(train_sessions, tags, speaker_tag), sorted(named["c_rare"].nll)
+        recall_for = memory_retriever(entries, tok, opts.memory_tokens)
+        context_of = lambda s, i: held_out[s][i - min(data.context_messages, i) : i]
+        holds = sum(bool(rare_set & set(words(one_line(held_out[s][i].text)))
+                         & {w for x in recall_for(s, context_of(s, i)) for w in words(x.text)}) for s, i in rare_keys)
+        share = timed("rare-word share", lambda: word_share(model, tok, held_out, tags, rare_keys, rare_set,
+                                                            data.context_messages, data.max_len))
         memory = {"entries": len(entries), "rare_word_messages": len(named["h_rare"].nll),
+                  "rare_word_nll_share": share, "rare_word_in_recalled_memory": holds,
                   "consistency": timed("consistency", lambda: consistency(model, tok, entries, tags,
                                                                           opts.consistency_seeds, opts.seed))}
     for x, y in [("c", "b"), ("c", "e"), ("f", "c"), ("d", "b"), ("e", "a"), ("c", "g"), ("h", "c"), ("h", "f"),
@@ -1110,6 +1150,12 @@ def markdown(r: dict) -> str:
         where = next((label for suffix, label in subsets.items() if x.endswith(suffix)), "")
         x, y = x.split("_")[0], y.split("_")[0]
         out.append(f"| ({x}) vs ({y}){where} | {cell(c['nats_per_token'])} | {cell(c['bits_per_char'])} |")
+    if r.get("memory") and r["memory"]["rare_word_messages"]:
+        k = r["memory"]
+        out += ["", f"Room on the {k['rare_word_messages']} rare-word messages: their rare words' tokens carry "
+                    f"{k['rare_word_nll_share']:.1%} of (c)'s NLL on them (what making those tokens certain would save), "
+                    f"and the memory recalled for their context holds the rare word for {k['rare_word_in_recalled_memory']} "
+                    "of them."]
     if r.get("memory") and r["memory"]["consistency"].get("facts"):
         k = r["memory"]["consistency"]
         out += ["", f"| consistency: {k['facts']} remembered facts asked in {k['seeds']} fresh sessions each | agrees "

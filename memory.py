@@ -4,6 +4,7 @@
     python memory.py build --data chat.jsonl --memory out/chat_memory.jsonl
     python memory.py show                           # what it knows, per person, newest first
     python memory.py examples                       # sft.py --examples rows with the memory in the context
+    python memory.py examples --recall              # ... and rows that restate a disclosure when asked
 
 A fine-tuned model learns how two people write, and some of what they wrote about, but it holds no
 record: asked twice where someone is from, it can answer "korea" once and "utah" the next time. Here a
@@ -26,7 +27,7 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,8 @@ class Options:
     budget: Annotated[int, "examples: tokens of memory lines before each context; 0 = none (the control: the "
                            "same rows and contexts without the memory)", Range(0)] = 256
     seed: Annotated[int, "examples: seed for each row's number of context messages"] = 0
+    recall: Annotated[bool, "examples: add recall rows (recall_rows: asked about an earlier disclosure, its "
+                            "speaker restates it from the memory)"] = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,6 +322,64 @@ def training_rows(messages, gap_hours: float, val_frac: float, context_messages:
     return rows
 
 
+# Asked about something they said, a person restates it. In the chats such moments are rare (on the
+# shipped pair 19 of 7575 rows' replies share a rare word with their memory lines), too rare for a
+# small model to learn to carry a line from the memory into its reply. These rows show it: the other
+# person asks about one of their earlier disclosures, the memory is recalled for that question, and the
+# reply is the disclosure, verbatim. One question names its rarest word ("what was that about
+# lisbon again?"); another echoes the words its rule matched, in the second person ("wait your sister
+# what?", "wait you love what?"), as a question about a person's own life shares a common word with
+# the answer ("where are you from?", "i'm from the bay area"). Only entries without a single-valued
+# subject are asked (people, plans, likes, ...): eval.py's consistency test asks the single-valued
+# ones, in other words, so it measures whether the skill carries over, not whether a fact was rehearsed.
+RECALL_ASKS = ("what was that about {w} again?", "remind me about the {w} thing?",
+               "wait tell me about {w} again", "you said something about {w}?")
+ECHO_ASK = "wait {echo} what?"
+SECOND_PERSON = {"i": "you", "i'm": "you're", "im": "you're", "i’m": "you're", "am": "are", "my": "your", "me": "you",
+                 "we": "you", "we're": "you're", "our": "your", "i'll": "you'll", "i've": "you've", "i’ve": "you've"}
+
+
+def echo(e: Entry) -> str | None:
+    """The words e's rule matched in its text, in the second person ("my sister" -> "your sister"), or
+    None when they run past 5 words (the dates rule can match a whole sentence)."""
+    pattern = next(p for name, p, _ in COMPILED if name == e.rule)
+    found = pattern.search(e.text.lower())
+    said = found.group().split() if found else []
+    return " ".join(SECOND_PERSON.get(w, w) for w in said) if 0 < len(said) <= 5 else None
+
+
+def recall_rows(messages, gap_hours: float, val_frac: float, tok, budget=BUDGET, seed=0) -> list[dict]:
+    """One row per training-session disclosure without a subject whose recalled memory holds it: the
+    other person asks about it a day after it was said, by its rarest content word (the first of
+    those; RECALL_ASKS), and in a second row by its echo (ECHO_ASK) where it has one; the reply is its
+    text. Marked "recall": true, and "memory_lines" as training_rows marks them."""
+    train, _ = split_sessions(messages, gap_hours, val_frac)
+    everything = [e for s, session in enumerate(train) for e in entries_of(session, s)]
+    people = list(dict.fromkeys(tag(m.speaker) for m in messages))
+    counts = defaultdict(int)  # in how many entries each word appears: the rarest names the entry best
+    for e in everything:
+        for w in set(content_words(e.text)):
+            counts[w] += 1
+    rng = np.random.default_rng(seed)
+    rows = []
+    for e in everything:
+        asker = next((t for t in people if t != tag(e.speaker)), None)
+        ws = [w for w in content_words(e.text) if w.isalpha() and len(w) >= 3]
+        if e.subject or asker is None or not ws:
+            continue
+        questions = [RECALL_ASKS[rng.integers(len(RECALL_ASKS))].format(w=min(ws, key=counts.get))]
+        questions += [ECHO_ASK.format(echo=echo(e))] if echo(e) else []
+        now = datetime.fromisoformat(e.time) + timedelta(days=1)
+        known = supersede([replace(x) for x in everything if datetime.fromisoformat(x.time) < now])
+        for question in questions:
+            recalled = recall(known, [f"{asker} {question}"], now, tok, budget)
+            if not any(x.text == e.text and x.speaker == e.speaker for x in recalled):
+                continue  # the line is not in the memory this question recalls: nothing to carry over
+            rows.append({"context": [render(x) for x in recalled] + [f"{asker} {question}"], "speaker": tag(e.speaker),
+                         "reply": e.text, "memory_lines": len(recalled), "session": e.session, "recall": True})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------
 
 def memory_path(opts: Options) -> Path:
@@ -334,15 +395,21 @@ def main():
         data = sft.data_settings(training, opts)
         messages, _ = load_pair(data.data)
     if command == "examples":
+        if opts.recall and not opts.budget:
+            raise BadInput("--recall needs a memory to recall from: not with --budget 0")
         tok = load_tokenizer(model_dir(training.get("model", sft.Options.model)))  # the budget is in its tokens
         rows = training_rows(messages, data.session_gap_hours, data.val_frac, data.context_messages, tok,
                              opts.budget, opts.seed)
+        asked_rows = recall_rows(messages, data.session_gap_hours, data.val_frac, tok, opts.budget, opts.seed) \
+            if opts.recall else []
+        rows += asked_rows
         path = Path(opts.examples) if opts.examples else Path(opts.adapter) / "memory_examples.jsonl"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         cli.write_atomically(path, lambda p: p.write_text(text, encoding="utf-8"))
         with_memory = [r["memory_lines"] for r in rows if r["memory_lines"]]
         print(f"wrote {path}: {len(rows)} rows, the training sessions' messages of {data.data}; {len(with_memory)} "
-              f"with memory lines before their context (mean {np.mean(with_memory or [0]):.1f} lines). Train on them: "
+              f"with memory lines before their context (mean {np.mean(with_memory or [0]):.1f} lines)"
+              f"{f', {len(asked_rows)} of them recall rows' if opts.recall else ''}. Train on them: "
               f"python sft.py --examples {path} --examples-only --init-adapter {opts.adapter} "
               f"--max-len {data.max_len + opts.budget} --out out/memory_ft{'' if opts.budget else '_control'} "
               f"(--max-len: room for the memory lines, which an example too long loses first)")

@@ -14,7 +14,7 @@ import eval as ev
 import lora
 import sample
 from model import BadInput, load_checkpoint, load_tokenizer, token_logprobs
-from prep import Message, encode_example, load_pair, one_line, split_sessions, tag, write_jsonl
+from prep import Message, encode_example, load_pair, one_line, split_sessions, tag, words, write_jsonl
 from conftest import FakeServer, script
 
 FRIEND = "[FRIEND]"
@@ -393,6 +393,38 @@ def test_memory_row_h_scores_the_same_messages_and_splits_out_the_rare_word_ones
     assert ("h_rare vs c_rare" in r["contrasts"]) == (n_rare > 0)
     assert r["contrasts"]["h_rest vs c_rest"]["nats_per_token"]["messages"] == 8 - n_rare
     assert "memory tokens" in ev.markdown(r) and "on the other messages" in ev.markdown(r)
+    assert 0 <= r["memory"]["rare_word_nll_share"] <= 1 and 0 <= r["memory"]["rare_word_in_recalled_memory"] <= n_rare
+    assert ("Room on the" in ev.markdown(r)) == (n_rare > 0)
+
+
+def test_the_share_of_nll_on_chosen_words_by_hand(chat):
+    """word_share: none chosen is 0; every word of the messages chosen is the share on the tokens that,
+    decoded alone, spell a letter or digit (not a space, punctuation or the turn's newline)."""
+    model, tok, tags, _, held = chat
+    keys = [(s, i) for s, session in enumerate(held) for i, m in enumerate(session) if tags[m.speaker] == FRIEND][:6]
+    share = lambda chosen: ev.word_share(model, tok, held, tags, keys, chosen, 8, 512)
+    per_token = []  # (nll, decoded text, key) of each target token, each message run alone
+    for s, i in keys:
+        tokens, mask, _, _ = encode_example(tok, held[s][i - min(8, i) : i], held[s][i], tags, 512)
+        t = torch.tensor([tokens])
+        with torch.no_grad():
+            lp = token_logprobs(model(t)[:, :-1], t[:, 1:])[0]
+        per_token += [(-lp[j - 1].item(), tok.decode([tokens[j]]), (s, i)) for j in range(len(tokens)) if mask[j]]
+    total = sum(x for x, _, _ in per_token)
+    assert share(set()) == 0
+    everything = {w for s, i in keys for w in words(held[s][i].text)}
+    expected = sum(x for x, piece, _ in per_token if re.search(r"\w", piece)) / total
+    assert share(everything) == pytest.approx(expected, rel=1e-4)
+    # One word: its tokens found by laying the tokens' pieces end to end, each decoded alone.
+    word = max(everything, key=len)
+    on_word = 0.0
+    for key in keys:
+        pieces = [(x, piece) for x, piece, k in per_token if k == key]
+        ends = np.cumsum([len(piece) for _, piece in pieces])
+        spans = [m.span() for m in re.finditer(rf"\b{word}\b", "".join(p for _, p in pieces).lower())]
+        on_word += sum(x for (x, _), end, length in zip(pieces, ends, (len(p) for _, p in pieces))
+                       if any(a < end and end - length < b for a, b in spans))
+    assert on_word > 0 and share({word}) == pytest.approx(on_word / total, rel=1e-4)
 
 
 def test_rare_word_reuse_by_hand():

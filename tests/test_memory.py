@@ -242,6 +242,40 @@ def test_training_rows_recall_only_earlier_sessions_as_the_memory_stood_then(tmp
     assert examples[len(sessions[0]) + 1].text.endswith("[RIYA] i live in busan now, seoul got old\n")
 
 
+def test_recall_rows_ask_about_a_subjectless_disclosure_and_answer_it_verbatim_from_the_memory():
+    """memory.py examples --recall: the other person asks about an earlier disclosure, by its rarest
+    content word and by an echo of its rule's words, the memory recalled for the question holds it, the
+    reply is the disclosure; never a single-valued subject (the consistency test's), never a held-out
+    session's."""
+    import sft
+    from prep import Message
+
+    day = lambda d, h=0: datetime(2020, 1, 1) + timedelta(days=d, hours=h)
+    sessions = [[("Riya", "my sister moved to lisbon, lisbon is far"), ("Riya", "i live in seoul"), ("Friend", "ok")],
+                [("Friend", "i love pottery and lisbon"), ("Riya", "cool")],
+                [("Riya", "my mom is visiting"), ("Friend", "bye")]]  # the held-out session (val_frac 0.34)
+    messages = [Message(day(d, h), who, text) for d, s in enumerate(sessions) for h, (who, text) in enumerate(s)]
+    rows = memory.recall_rows(messages, 3.0, 0.34, WordTokenizer(), seed=0)
+    sister, pottery = "my sister moved to lisbon, lisbon is far", "i love pottery and lisbon"
+    assert [(r["speaker"], r["reply"]) for r in rows] == [("[RIYA]", sister)] * 2 + [("[FRIEND]", pottery)] * 2
+    # "lisbon" is in both entries, so each is asked about the first word only it has, then by its echo
+    assert rows[0]["context"][-1] in {"[FRIEND] " + q.format(w="sister") for q in memory.RECALL_ASKS}
+    assert rows[1]["context"][-1] == "[FRIEND] wait your sister what?"
+    assert rows[2]["context"][-1] in {"[RIYA] " + q.format(w="love") for q in memory.RECALL_ASKS}
+    assert rows[3]["context"][-1] == "[RIYA] wait you love what?"
+    assert rows[0]["context"][:-1] == rows[1]["context"][:-1] == [f"[RIYA] {sister} (2020-01-01)"]
+    assert all(len(r["context"]) - 1 == r["memory_lines"] and r["recall"] for r in rows)
+    examples = sft.examples_from_rows(rows, WordTokenizer(), 512)
+    assert examples[0].text.endswith(f"[RIYA] {sister}\n")
+
+
+def test_an_echo_puts_the_rules_words_in_the_second_person():
+    assert memory.echo(entry("I'm going to paris in june", 0, rule="plans")) == "you're going to"
+    assert memory.echo(entry("we are moving to a farm", 0, rule="plans")) == "you are moving"
+    assert memory.echo(entry("i have two cats and a dog", 0, rule="has")) == "you have two cats"
+    assert memory.echo(entry("so my cousin and i went skiing with our friends on december 3rd", 0, rule="dates")) is None
+
+
 def test_cli_writes_memory_examples_sft_reads(tiny_adapter, tmp_path):
     import sft
 
@@ -256,3 +290,6 @@ def test_cli_writes_memory_examples_sft_reads(tiny_adapter, tmp_path):
         def encode(self, text, start=True):
             return text.split()
     assert len(sft.rows_as_examples(path, Tok(), 512)) == len(rows)
+    out = script("memory.py", "examples", "--adapter", str(tiny_adapter), "--examples", str(path), "--recall",
+                 "--budget", "0")
+    assert out.returncode == 2 and out.stderr.strip() == "error: --recall needs a memory to recall from: not with --budget 0"
