@@ -222,6 +222,11 @@ def score_rows(model, rows, batch_size, desc, choose=None):
     return (nll_out, chosen) if choose else nll_out
 
 
+def before(session, i, context_messages) -> list:
+    """The short context of message i: up to context_messages messages of its session before it."""
+    return session[i - min(context_messages, i) : i]
+
+
 def short_context(model, tok, held_out, tags, speaker_tag, context_messages, max_len, batch_size, start=(0, 0),
                   desc="short context", retrieve=None):
     """Score every held-out message of speaker_tag from key start on, after the up to context_messages
@@ -237,7 +242,7 @@ def short_context(model, tok, held_out, tags, speaker_tag, context_messages, max
             target = tags[m.speaker] == speaker_tag
             if (s, i) < start or (not target and (i == 0 or retrieve)):
                 continue  # not scored, or nothing to score and nobody to predict
-            context = session[i - min(context_messages, i) : i]
+            context = before(session, i, context_messages)
             extra = retrieve(s, context) if retrieve else []
             tokens, mask, _, _ = encode_example(tok, extra + context, m, tags, max_len)
             n = mask.index(True) if True in mask else len(tokens)  # where the text after the tag begins
@@ -341,7 +346,7 @@ def word_share(model, tok, held_out, tags, keys, chosen: set, context_messages, 
     total = on_words = 0.0
     for s, i in sorted(keys):
         m = held_out[s][i]
-        tokens, mask, _, _ = encode_example(tok, held_out[s][i - min(context_messages, i) : i], m, tags, max_len)
+        tokens, mask, _, _ = encode_example(tok, before(held_out[s], i, context_messages), m, tags, max_len)
         if not any(mask):
             continue
         n = mask.index(True)
@@ -414,7 +419,7 @@ def who_said(model, tok, held_out, tags, context_messages, max_len, batch_size, 
     for p, chosen in keys.items():
         other = next(q for q in people if q != p)
         for s, i in chosen:
-            m, context = held_out[s][i], held_out[s][i - min(context_messages, i) : i]
+            m, context = held_out[s][i], before(held_out[s], i, context_messages)
             for speaker in (p, other):
                 tokens, mask, _, _ = encode_example(tok, context, Message(m.time, speaker, m.text), tags, max_len)
                 rows.append((tokens, mask))
@@ -1043,8 +1048,8 @@ def evaluate(opts: Options) -> dict:
         if opts.retrieval_tokens else None
     # (h): memory.py's memory of the training sessions only (never a held-out message), recalled per context.
     entries = mem.build(messages, data.session_gap_hours, data.val_frac) if opts.memory_tokens else []
-    h = timed("(h)", lambda: short("(h) fine-tuned, memory", opts.memory_tokens,
-                                   retrieve=memory_retriever(entries, tok, opts.memory_tokens))) if entries else None
+    recall_for = memory_retriever(entries, tok, opts.memory_tokens)
+    h = timed("(h)", lambda: short("(h) fine-tuned, memory", opts.memory_tokens, retrieve=recall_for)) if entries else None
     said_tuned = timed("who said (fine-tuned)", lambda: said("who said this (fine-tuned)")) if opts.who_said else None
 
     runs = [("a", "base", "short", a), ("b", "base", "long", b), ("c", "fine-tuned", "short", c),
@@ -1070,10 +1075,9 @@ def evaluate(opts: Options) -> dict:
         # How much room there is: the share of (c)'s NLL on those messages that their rare words carry, and
         # how many of them find their rare word in the memory recalled for their context at all.
         rare_set, rare_keys = rare_words(train_sessions, tags, speaker_tag), sorted(named["c_rare"].nll)
-        recall_for = memory_retriever(entries, tok, opts.memory_tokens)
-        context_of = lambda s, i: held_out[s][i - min(data.context_messages, i) : i]
-        holds = sum(bool(rare_set & set(words(one_line(held_out[s][i].text)))
-                         & {w for x in recall_for(s, context_of(s, i)) for w in words(x.text)}) for s, i in rare_keys)
+        holds = sum(bool(rare_set & set(words(one_line(held_out[s][i].text))) & {
+            w for x in recall_for(s, before(held_out[s], i, data.context_messages)) for w in words(x.text)})
+            for s, i in rare_keys)
         share = timed("rare-word share", lambda: word_share(model, tok, held_out, tags, rare_keys, rare_set,
                                                             data.context_messages, data.max_len))
         memory = {"entries": len(entries), "rare_word_messages": len(named["h_rare"].nll),
