@@ -26,6 +26,9 @@ turn: exactly the tokens sft.py trains on) under
         the messages that reuse a rare word the same person wrote before (with the share of their NLL
         those words carry: the room a memory has there), and a consistency test: remembered facts
         asked for in fresh seeded sessions, with and without the memory
+    (i) (h) read by context-aware decoding (--memory-contrast, sample.py's): the logits with the
+        memory pushed away from those with its lines' form (tag and date) only; what that costs the
+        person's real messages, and whether it makes the consistency test's answers restate the memory
 
 in nats per token and bits per character, with paired bootstrap 95% intervals for each contrast.
 Then: who said this (is a message likelier after its real author's tag?), who talks next, statistics
@@ -89,6 +92,9 @@ class Options:
                                   "the short context; 0 = no (h) and no consistency test", Range(0)] = 256
     consistency_seeds: Annotated[int, "(h): simulated sessions per remembered fact in the consistency test",
                                  Range(1)] = 10
+    memory_contrast: Annotated[float, "(i): (h) read by context-aware decoding, (1 + a) x the logits with the memory "
+                                      "- a x those with its lines' form only (sample.py --memory-contrast), scored "
+                                      "and in the consistency test; 0 = off", Range(0)] = 1.0
     max_messages: Annotated[int, "score the speaker's latest N held-out messages (and the messages between "
                                  "them); 0 = all", Range(0)] = 200
     who_said: Annotated[int, "who said this: each person's latest N held-out messages; 0 = off", Range(0)] = 80
@@ -309,15 +315,41 @@ def retriever(tok, earlier_sessions, held_out, tags, budget: int):
 # Memory, (h): what each person said about themselves in the training sessions (memory.py), recalled
 # for the short context by relevance and recency, before it, as dated chat lines of their speaker.
 
-def memory_retriever(entries, tok, budget: int):
-    """retrieve(s, context) -> the memory's entries for context, as messages (memory.render's text)."""
+def memory_retriever(entries, tok, budget: int, form=False):
+    """retrieve(s, context) -> the memory's entries for context, as messages (memory.render's text; with
+    form, memory.form's: the date alone, what context-aware decoding subtracts)."""
     def retrieve(s, context):
         if not context:
             return []
         lines = [f"{tag(m.speaker)} {one_line(m.text)}" for m in context]
-        return [Message(datetime.fromisoformat(x.time), x.speaker, mem.render(x).split("] ", 1)[1])
+        return [Message(datetime.fromisoformat(x.time), x.speaker, (mem.form if form else str)(mem.render(x)).split("] ", 1)[1])
                 for x in mem.recall(entries, lines, context[-1].time, tok, budget)]
     return retrieve
+
+
+@torch.inference_mode()
+def contrasted(model, tok, held_out, tags, keys, retrieve, baseline, context_messages, max_len, weight: float) -> Scores:
+    """(h) scored under context-aware decoding's distribution (sample.Options.memory_contrast): each
+    held-out message of keys after its short context, each token's log-prob from the log-softmax of
+    (1 + weight) x the logits with the memory (retrieve(s, context)) before the context - weight x those
+    with baseline(s, context) before it (as sample.reply_to: the memory's form, not its words). What the
+    contrast costs the person: the messages they really wrote, under the distribution it samples from."""
+    device = model.embed_tokens.weight.device
+    scores = Scores()
+    for s, i in cli.progress(sorted(keys), desc="(h) with contrast", unit="message", leave=False):
+        m, context = held_out[s][i], before(held_out[s], i, context_messages)
+        rows = [encode_example(tok, extra + context, m, tags, max_len)[:2] for extra in (retrieve(s, context),
+                                                                                         baseline(s, context))]
+        tokens, _ = pad([r[0] for r in rows], device=device)  # (2, T): with the memory, with its form
+        scored = pad([r[1] for r in rows], device=device)[0].bool()
+        target = tokens[0, 1:][scored[0, 1:]]  # (N,)
+        if not len(target) or not torch.equal(target, tokens[1, 1:][scored[1, 1:]]):
+            continue  # the message itself cut by max_len differently: nothing comparable to score
+        h = model(tokens[:, :-1], unembed=False)  # (2, T-1, D): the stream at t predicts token t + 1
+        logits = [model.unembed(h[r][scored[r, 1:]]).float() for r in range(2)]  # 2 x (N, V)
+        logp = ((1 + weight) * logits[0] - weight * logits[1]).log_softmax(-1).gather(1, target[:, None])[:, 0]
+        scores.nll[(s, i)], scores.chars[(s, i)] = (-logp.sum().item(), len(target)), scored_chars(m)
+    return scores
 
 
 def rare_words(train_sessions, tags, speaker_tag, max_messages=5) -> set:
@@ -372,11 +404,20 @@ QUESTIONS = {"origin": "where are you from again?", "home": "where do you live n
              "work": "where do you work again?", "study": "what are you studying again?", "age": "how old are you again?"}
 
 
-def consistency(model, tok, entries, tags, n_seeds: int, seed: int) -> dict:
+def facts_interval(per_fact, seed, n_boot=2000) -> list:
+    """A 95% percentile interval for the mean agreement, resampling facts (a fact's answers share its
+    question and memory, so they are not independent draws): with 5 facts, a rough one."""
+    draws = np.random.default_rng(seed).integers(0, len(per_fact), (n_boot, len(per_fact)))
+    return [float(x) for x in np.percentile(np.array(per_fact)[draws].mean(1), [2.5, 97.5])]
+
+
+def consistency(model, tok, entries, tags, n_seeds: int, seed: int, contrast=0.0) -> dict:
     """For each current single-valued fact (memory.py's subjects with a question), the other person asks
-    for it in n_seeds fresh sessions (one seeded batch), with and without the memory before the
-    question. A reply agrees with the memory when it shares a content word of the fact the question
-    does not hold; two replies agree when they share a content word."""
+    for it in n_seeds fresh sessions (one seeded batch), without the memory, with it before the question,
+    and (contrast > 0) with it read by context-aware decoding (sample.Options.memory_contrast). A reply
+    agrees with the memory when it shares a content word of the fact the question does not hold; two
+    replies agree when they share a content word. Also the share of empty replies (a reply read with
+    the memory ends where it copies a memory line's date, so one that began with a date is empty)."""
     facts = [x for x in entries if x.superseded is None and x.subject in QUESTIONS and not x.simulated]
     if not facts:
         return {"facts": 0}
@@ -384,21 +425,28 @@ def consistency(model, tok, entries, tags, n_seeds: int, seed: int) -> dict:
     now = max(datetime.fromisoformat(x.time) for x in entries) + timedelta(days=1)
     content = lambda text, but=(): set(mem.content_words(text)) - set(but)
     out = {"facts": len(facts), "seeds": n_seeds, "examples": []}
-    for label, with_memory in (("without memory", False), ("with memory", True)):
-        agree_memory, agree_each = [], []
+    conditions = [("without memory", False, 0.0), ("with memory", True, 0.0)]
+    if contrast:
+        conditions.append((f"with memory, contrast {contrast:g}", True, contrast))
+    for label, with_memory, weight in conditions:
+        agree_memory, agree_each, per_fact, empty = [], [], [], []
         for j, fact in enumerate(facts):
             asker = next(t for t in people if t != tag(fact.speaker))
             question = f"{asker} {QUESTIONS[fact.subject]}"
-            lines = ([mem.render(x) for x in mem.recall(entries, [question], now, tok)] if with_memory else []) + [question]
-            replies = sample.generate(model, tok, [sample.prompt_for(lines, tag(fact.speaker))] * n_seeds,
-                                      sample.Options(seed=seed + j))
+            memory = [mem.render(x) for x in mem.recall(entries, [question], now, tok)] if with_memory else []
+            replies = sample.reply_to(model, tok, memory, [question], tag(fact.speaker),
+                                      sample.Options(seed=seed + j, memory_contrast=weight), n=n_seeds)
             answer = content(fact.text, but=words(question))
-            agree_memory += [bool(content(r) & answer) for r in replies]
+            agrees = [bool(content(r) & answer) for r in replies]
+            agree_memory += agrees
+            empty += [not r.strip() for r in replies]
+            per_fact.append(float(np.mean(agrees)))
             pairs = [(a, b) for k, a in enumerate(replies) for b in replies[k + 1 :]]
             agree_each += [bool(content(a) & content(b)) for a, b in pairs]
             if j < 3:
                 out["examples"].append({"condition": label, "fact": fact.text, "question": question, "replies": replies[:3]})
-        out[label] = {"agrees_with_memory": float(np.mean(agree_memory)), "agree_with_each_other": float(np.mean(agree_each))}
+        out[label] = {"agrees_with_memory": float(np.mean(agree_memory)), "agree_with_each_other": float(np.mean(agree_each)),
+                      "per_fact": per_fact, "interval": facts_interval(per_fact, seed), "empty": float(np.mean(empty))}
     return out
 
 
@@ -1050,12 +1098,15 @@ def evaluate(opts: Options) -> dict:
     entries = mem.build(messages, data.session_gap_hours, data.val_frac) if opts.memory_tokens else []
     recall_for = memory_retriever(entries, tok, opts.memory_tokens)
     h = timed("(h)", lambda: short("(h) fine-tuned, memory", opts.memory_tokens, retrieve=recall_for)) if entries else None
+    forms = memory_retriever(entries, tok, opts.memory_tokens, form=True)
+    i = timed("(i)", lambda: contrasted(model, tok, held_out, tags, h.nll.keys(), recall_for, forms, data.context_messages,
+                                        data.max_len, opts.memory_contrast)) if h and opts.memory_contrast else None
     said_tuned = timed("who said (fine-tuned)", lambda: said("who said this (fine-tuned)")) if opts.who_said else None
 
     runs = [("a", "base", "short", a), ("b", "base", "long", b), ("c", "fine-tuned", "short", c),
             ("d", "fine-tuned", "long", d), ("e", "base", "retrieval", e), ("f", "fine-tuned", "retrieval", f),
-            ("h", "fine-tuned", "memory", h)]
-    runs = [run for run in runs if run[3] is not None]  # --retrieval-tokens 0: no (e), (f); --memory-tokens 0: no (h)
+            ("h", "fine-tuned", "memory", h), ("i", "fine-tuned", "contrast", i)]
+    runs = [run for run in runs if run[3] is not None]  # --retrieval-tokens 0: no (e), (f); --memory-tokens 0: no (h), (i)
     if big is not None:
         runs.append(("g", opts.big_model, "big", big))
     nll = {}
@@ -1072,6 +1123,8 @@ def evaluate(opts: Options) -> dict:
         rare = rare_reuse(train_sessions, held_out, tags, speaker_tag)
         named |= {"h_rare": restricted(h, rare), "c_rare": restricted(c, rare),
                   "h_rest": restricted(h, h.nll.keys() - rare), "c_rest": restricted(c, c.nll.keys() - rare)}
+        if i is not None:
+            named |= {"i_rare": restricted(i, rare), "i_rest": restricted(i, i.nll.keys() - rare)}
         # How much room there is: the share of (c)'s NLL on those messages that their rare words carry, and
         # how many of them find their rare word in the memory recalled for their context at all.
         rare_set, rare_keys = rare_words(train_sessions, tags, speaker_tag), sorted(named["c_rare"].nll)
@@ -1083,9 +1136,11 @@ def evaluate(opts: Options) -> dict:
         memory = {"entries": len(entries), "rare_word_messages": len(named["h_rare"].nll),
                   "rare_word_nll_share": share, "rare_word_in_recalled_memory": holds,
                   "consistency": timed("consistency", lambda: consistency(model, tok, entries, tags,
-                                                                          opts.consistency_seeds, opts.seed))}
+                                                                          opts.consistency_seeds, opts.seed,
+                                                                          opts.memory_contrast))}
     for x, y in [("c", "b"), ("c", "e"), ("f", "c"), ("d", "b"), ("e", "a"), ("c", "g"), ("h", "c"), ("h", "f"),
-                 ("h_rare", "c_rare"), ("h_rest", "c_rest")]:
+                 ("h_rare", "c_rare"), ("h_rest", "c_rest"), ("i", "c"), ("i", "h"), ("i_rare", "c_rare"),
+                 ("i_rest", "c_rest")]:
         if x not in named or y not in named or not named[x].nll:
             continue
         contrasts[f"{x} vs {y}"] = {
@@ -1095,7 +1150,7 @@ def evaluate(opts: Options) -> dict:
     loops = None
     if opts.loops:
         window = min(data.max_len, model.cfg.max_seq_len) - sample.Options().max_new_tokens
-        fit = lambda lines: sample.trim(lines, tok, window, data.context_messages)
+        fit = lambda lines: ([], sample.trim(lines, tok, window, data.context_messages))  # no memory lines
         simulated = timed("self-play", lambda: self_play(model, tok, held_out, tags, fit, opts.loops, opts.loop_length,
                                                          opts.seed))
         real = [[f"{tags[m.speaker]} {one_line(m.text)}" for m in s[: opts.loop_length]] for s in held_out if len(s) >= 10]
@@ -1125,7 +1180,8 @@ def evaluate(opts: Options) -> dict:
 
 CONTEXTS = {"short": "{n} messages of its session", "long": "{budget} tokens of history",
             "retrieval": "{n} messages + {r} retrieved tokens", "big": "{chars} characters of history",
-            "memory": "{n} messages + {m} memory tokens"}
+            "memory": "{n} messages + {m} memory tokens",
+            "contrast": "{n} messages + {m} memory tokens, read by contrast {a:g}"}
 
 
 def markdown(r: dict) -> str:
@@ -1138,7 +1194,8 @@ def markdown(r: dict) -> str:
            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, row in r["nll"].items():
         context = CONTEXTS[row["context"]].format(n=s["context_messages"], budget=s["long_context"],
-                                                  r=s["retrieval_tokens"], chars=s["big_context"], m=s["memory_tokens"])
+                                                  r=s["retrieval_tokens"], chars=s["big_context"], m=s["memory_tokens"],
+                                                  a=s.get("memory_contrast", 0))
         tokens = "-" if key == "g" else row["tokens"]
         nats = "-" if key == "g" else f"{row['nll']:.4f}"
         ppl = "-" if key == "g" else f"{row['perplexity']:.2f}"
@@ -1163,9 +1220,11 @@ def markdown(r: dict) -> str:
     if r.get("memory") and r["memory"]["consistency"].get("facts"):
         k = r["memory"]["consistency"]
         out += ["", f"| consistency: {k['facts']} remembered facts asked in {k['seeds']} fresh sessions each | agrees "
-                    "with the memory | answers agree with each other |", "| --- | ---: | ---: |"]
-        for label in ("without memory", "with memory"):
-            out.append(f"| {label} | {k[label]['agrees_with_memory']:.3f} | {k[label]['agree_with_each_other']:.3f} |")
+                    "with the memory [95%, over facts] | answers agree with each other | empty replies |", "| --- | ---: | ---: | ---: |"]
+        for label in [x for x in k if x.startswith("with")]:
+            low, high = k[label]["interval"]
+            out.append(f"| {label} | {k[label]['agrees_with_memory']:.3f} [{low:.2f}, {high:.2f}] | {k[label]['agree_with_each_other']:.3f} | "
+                       f"{k[label]['empty']:.3f} |")
     if r["who_said"]:
         w = r["who_said"]
         people = [k for k in w["base"] if k.startswith("[")]

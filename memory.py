@@ -223,6 +223,19 @@ def render(e: Entry) -> str:
     return f"{tag(e.speaker)} {e.text} ({e.time[:10]})"
 
 
+def form(line: str) -> str:
+    """A rendered line without its text: "[RIYA] i'm from korea (2019-03-02)" -> "[RIYA] (2019-03-02)".
+    What context-aware decoding subtracts (sample.generate_ids), so that it amplifies what the memory
+    says and not how its lines look."""
+    head, _, date = line.rpartition(" (")
+    return f"{TAG_LINE.match(head).group()} ({date}"
+
+
+# Where a reply copied render's date ("... (2018-05-13)"): the memory's, never the person's words, so a
+# reply read with a memory ends there (sample.generate).
+COPIED_DATE = re.compile(r"\s*\((?:19|20)\d\d-\d")
+
+
 # Chat's function words: sharing "you" or "the" with the context is no reason to recall a line, and
 # with them in the query every entry would be relevant and the budget always full of noise.
 FUNCTION_WORDS = set("""a about again all also am an and any are as at be been but by can could did do does for from

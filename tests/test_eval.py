@@ -387,7 +387,10 @@ def test_memory_row_h_scores_the_same_messages_and_splits_out_the_rare_word_ones
                                max_messages=8, retrieval_tokens=0, memory_tokens=64, long_context=128,
                                context_messages=2, consistency_seeds=2, out=str(tmp_path / "e.json")))
     assert r["nll"]["h"]["messages"] == r["nll"]["c"]["messages"] == 8
-    assert r["nll"]["h"]["tokens"] == r["nll"]["c"]["tokens"]  # the same targets, more context before them
+    assert r["nll"]["h"]["tokens"] == r["nll"]["c"]["tokens"] == r["nll"]["i"]["tokens"]  # the same targets
+    assert {"i vs c", "i vs h", "i_rest vs c_rest"} <= set(r["contrasts"]) and "read by contrast 1" in ev.markdown(r)
+    k = r["memory"]["consistency"]
+    assert k["facts"] == 0 or len(k["with memory, contrast 1"]["per_fact"]) == k["facts"]
     assert {"h vs c", "h_rest vs c_rest"} <= set(r["contrasts"]) and r["memory"]["entries"] > 0
     n_rare = r["memory"]["rare_word_messages"]
     assert ("h_rare vs c_rare" in r["contrasts"]) == (n_rare > 0)
@@ -454,6 +457,9 @@ def test_the_memory_retriever_gives_dated_lines_from_before_the_context_only(cha
     assert got and all(m.time in train_times and m.time < context[-1].time for m in got)
     assert all(m.text.endswith(f" ({m.time.isoformat()[:10]})") for m in got)
     assert retrieve(0, []) == []
+    forms = ev.memory_retriever(entries, tok, 10_000, form=True)(0, context)
+    assert [(m.time, m.speaker, m.text) for m in forms] == [(m.time, m.speaker, f"({m.time.isoformat()[:10]})")
+                                                            for m in retrieve(0, context)]
 
 
 def test_the_consistency_test_reads_agreement_by_content_words(tiny_chat_dir, monkeypatch):
@@ -461,14 +467,68 @@ def test_the_consistency_test_reads_agreement_by_content_words(tiny_chat_dir, mo
     from model import load_checkpoint, load_tokenizer
 
     entries = [memory.Entry("Friend", "i'm originally from korea", datetime(2020, 1, 1).isoformat(), 0, "origin", "origin")]
-    answers = iter([["korea for sure", "from korea", "utah"], ["seoul, korea", "korea", "korea lol"]])
-    monkeypatch.setattr(ev.sample, "generate", lambda *a, **k: next(answers))
+    answers = iter([["korea for sure", "from korea", "utah"], ["seoul, korea", "korea", "korea lol"],
+                    ["utah", "", "b"]])
+    asked = []
+    monkeypatch.setattr(ev.sample, "generate", lambda model, tok, prompts, opts, hooks=None, contexts=None, **k:
+                        asked.append((prompts, contexts, opts.memory_contrast)) or next(answers))  # reply_to's
     model, tok = load_checkpoint(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
-    r = ev.consistency(model, tok, entries, {"Riya": "[RIYA]", "Friend": "[FRIEND]"}, n_seeds=3, seed=0)
+    r = ev.consistency(model, tok, entries, {"Riya": "[RIYA]", "Friend": "[FRIEND]"}, n_seeds=3, seed=0, contrast=1.5)
     assert r["facts"] == 1
-    assert r["without memory"] == {"agrees_with_memory": pytest.approx(2 / 3), "agree_with_each_other": pytest.approx(1 / 3)}
-    assert r["with memory"] == {"agrees_with_memory": 1.0, "agree_with_each_other": 1.0}
+    assert r["without memory"] == {"agrees_with_memory": pytest.approx(2 / 3), "agree_with_each_other": pytest.approx(1 / 3),
+                                   "per_fact": [pytest.approx(2 / 3)], "interval": [pytest.approx(2 / 3)] * 2,
+                                   "empty": 0.0}
+    assert r["with memory"] == {"agrees_with_memory": 1.0, "agree_with_each_other": 1.0, "per_fact": [1.0],
+                                "interval": [1.0, 1.0], "empty": 0.0}
+    assert r["with memory, contrast 1.5"]["agrees_with_memory"] == 0.0
+    assert r["with memory, contrast 1.5"]["empty"] == pytest.approx(1 / 3)
     assert r["examples"][0]["question"] == "[RIYA] where are you from again?"
+    question = "[RIYA] where are you from again?\n[FRIEND]"
+    (plain, none, a0), (remembered, context, a1), (_, context2, a2) = asked
+    assert plain == [question] * 3 and none is None and a0 == a1 == 0 and a2 == 1.5
+    assert remembered[0].startswith("[FRIEND] i'm originally from korea (2020-01-01)\n") and remembered[0].endswith(question)
+    assert context == context2 == [question] * 3  # the memory's lines are told apart from the conversation
+
+
+def test_the_interval_over_facts_by_hand():
+    assert ev.facts_interval([0.5, 0.5, 0.5], seed=0) == [0.5, 0.5]  # no spread, no width
+    low, high = ev.facts_interval([0.0, 1.0], seed=0, n_boot=4000)  # means of 2 draws: 0, 0.5 or 1
+    assert (low, high) == (0.0, 1.0)
+    low, high = ev.facts_interval([0.0, 0.1, 0.2, 0.9, 1.0], seed=0)
+    assert 0 <= low < 0.44 < high <= 1
+
+
+def test_memory_read_by_contrast_is_scored_as_by_hand(smol):
+    """contrasted: at weight 0 it is (h); with no memory it is (c) at any weight; at weight 1, by hand,
+    log-softmax(2 x the logits with the memory - the logits with its form) at each of a message's tokens."""
+    model, tok = smol
+    t = datetime(2020, 5, 1)
+    held = [[Message(t, "Riya", "hey stranger"), Message(t, "Riya", "where are you from again?"),
+             Message(t, "Friend", "i grew up in daegu, near the mountains"), Message(t, "Riya", "and your sister?"),
+             Message(t, "Friend", "she is a nurse in daegu")]]
+    tags = {"Riya": "[RIYA]", "Friend": "[FRIEND]"}
+    remembered = [Message(datetime(2019, 1, 1), "Friend", "i grew up in daegu (2019-01-01)"),
+                  Message(datetime(2019, 1, 2), "Friend", "my sister is a nurse (2019-01-02)")]
+    forms = [Message(m.time, m.speaker, m.text[m.text.index("(") :]) for m in remembered]  # the dates alone
+    retrieve, baseline = (lambda s, context: remembered), (lambda s, context: forms)
+    h = ev.short_context(model, tok, held, tags, "[FRIEND]", 8, 512, batch_size=8, retrieve=retrieve)
+    c = ev.short_context(model, tok, held, tags, "[FRIEND]", 8, 512, batch_size=8)
+    keys = sorted(h.nll)
+    assert keys == [(0, 2), (0, 4)]
+    zero = ev.contrasted(model, tok, held, tags, keys, retrieve, baseline, 8, 512, 0.0)
+    nothing = ev.contrasted(model, tok, held, tags, keys, *[lambda s, context: []] * 2, 8, 512, 2.0)
+    one = ev.contrasted(model, tok, held, tags, keys, retrieve, baseline, 8, 512, 1.0)
+    for k in keys:
+        assert zero.nll[k] == (pytest.approx(h.nll[k][0], rel=1e-4), h.nll[k][1])
+        assert nothing.nll[k] == (pytest.approx(c.nll[k][0], rel=1e-4), c.nll[k][1])
+        s, i = k
+        context = ev.before(held[s], i, 8)
+        rows = [encode_example(tok, extra + context, held[s][i], tags, 512)[:2] for extra in (remembered, forms)]
+        with torch.no_grad():
+            logits = [model(torch.tensor([t]))[0, :-1][torch.tensor(m[1:])] for t, m in rows]
+        target = torch.tensor(rows[1][0][1:])[torch.tensor(rows[1][1][1:])]
+        by_hand = -(2 * logits[0] - logits[1]).log_softmax(-1).gather(1, target[:, None]).sum().item()
+        assert one.nll[k][0] == pytest.approx(by_hand, rel=1e-4) and abs(one.nll[k][0] - h.nll[k][0]) > 0.1
 
 
 @pytest.mark.parametrize("args, says", [

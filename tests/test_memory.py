@@ -131,6 +131,12 @@ def test_a_question_on_a_subject_recalls_the_other_persons_answer_first_and_last
     assert memory.recall(entries, [question], now, tok, budget=budget) == [entries[0]]  # first within the budget
 
 
+def test_a_lines_form_is_its_tag_and_date_without_its_text():
+    e = memory.Entry("Riya", "i'm from korea (the south)", "2019-03-02T10:00:00", 0, "origin", "origin")
+    assert memory.render(e) == "[RIYA] i'm from korea (the south) (2019-03-02)"
+    assert memory.form(memory.render(e)) == "[RIYA] (2019-03-02)"
+
+
 def test_the_consistency_tests_questions_are_recognised_as_asking_their_subject():
     import eval as ev
 
@@ -185,10 +191,10 @@ def test_sample_reads_the_memory_before_the_context_and_writes_simulated_lines_b
     entries = memory.load(path)
     about = entries[0]  # something a context can ask about
     context = [f"[RIYA] tell me about {' '.join(words(about.text)[-4:])}"]
-    seen = fit(context)
-    assert seen[-1] == context[0] and len(seen) > 1  # memory lines first, then the context
-    assert all(line.split("] ", 1)[1].rsplit(" (", 1)[0] in {e.text for e in entries} for line in seen[:-1])
-    assert sum(len(tok.encode(l + "\n")) for l in seen[:-1]) <= 200  # half the prompt's budget at most
+    recalled, seen = fit(context)
+    assert seen == context and recalled  # the memory's lines, and the context apart from them
+    assert all(line.split("] ", 1)[1].rsplit(" (", 1)[0] in {e.text for e in entries} for line in recalled)
+    assert sum(len(tok.encode(l + "\n")) for l in recalled) <= 200  # half the prompt's budget at most
     remember("[FRIEND] haha. i live in denver now")
     remember("[FRIEND] ok sounds good")  # no disclosure: nothing written
     after = memory.load(path)
@@ -204,6 +210,10 @@ def test_cli_sample_with_memory_runs(tiny_adapter, tmp_path):
                  "--memory", "--memory-file", str(path), "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("[FRIEND] ")
+    contrasted = script("sample.py", "--adapter", str(tiny_adapter), "--speaker", "FRIEND", "--prompt",
+                        "[RIYA] how is your mom?", "--memory", "--memory-file", str(path), "--memory-contrast", "1",
+                        "--max-new-tokens", "4", "--n", "2")
+    assert contrasted.returncode == 0 and contrasted.stdout.count("[FRIEND] ") == 2, contrasted.stderr
     missing = script("sample.py", "--adapter", str(tiny_adapter), "--memory", "--memory-file", str(tmp_path / "none"))
     assert missing.returncode == 2 and "no memory there" in missing.stderr
 

@@ -157,6 +157,8 @@ def test_cli_loop_plays_both_people_and_reports_repetition(tiny_adapter):
 @pytest.mark.parametrize("args, says", [
     (["--adapter", "no/such/adapter"], "error: --adapter no/such/adapter: no adapter there"),
     (["--base", "--prompt", "hello there"], "error: --prompt line 'hello there' does not start with a speaker tag"),
+    (["--base", "--memory-contrast", "1"], "error: --memory-contrast reads the memory: add --memory"),
+    (["--base", "--memory", "--memory-contrast", "-1"], "error: --memory-contrast -1.0: must be >= 0"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_status_2(args, says):
     out = script("sample.py", *args)
@@ -240,3 +242,77 @@ def test_batches_taken_by_length_give_each_prompt_its_own_reply_in_the_prompts_o
         part = order[j : j + 2]
         alone = sample.generate_ids(model, [prompts[i] for i in part], replace(opts, seed=3 + j))
         assert [sampled[i].ids for i in part] == [r.ids for r in alone]
+
+
+def test_memory_lines_are_not_the_conversation_the_penalty_counts(smol):
+    """With context_ids (the prompt without its memory lines), the repetition penalty counts only those:
+    each token's log-prob is, by hand, the log-softmax of the logits after the whole prompt, penalised
+    for the tokens of the context and the reply so far (and not, as without context_ids, the memory's)."""
+    model, tok = smol
+    memory, context = "[FRIEND] i grew up in seoul (2018-05-15)\n", "[RIYA] where are you from again?\n[FRIEND]"
+    prompt, plain = tok.encode(memory + context), tok.encode(context)
+    opts = Options(max_new_tokens=4, temperature=1.0, top_p=1.0, repetition_penalty=1.3)
+    [reply] = sample.generate_ids(model, [prompt], opts, context_ids=[plain])
+    off = 0.0  # how far the old rule (the memory penalised too) is from what was sampled
+    with torch.no_grad():
+        for t, token in enumerate(reply.ids):
+            logits = model(torch.tensor([prompt + reply.ids[:t]]))[:, -1]
+            by_hand = penalize(logits, torch.tensor([plain + reply.ids[:t]]), 1.3).log_softmax(-1)[0, token]
+            assert abs(by_hand.item() - reply.logprobs[t]) < 1e-4
+            old = penalize(logits, torch.tensor([prompt + reply.ids[:t]]), 1.3).log_softmax(-1)[0, token]
+            off = max(off, abs(old.item() - reply.logprobs[t]))
+    assert off > 1e-2
+
+
+def test_memory_contrast_samples_exactly_the_contrasted_distribution(smol):
+    """Context-aware decoding through both KV caches: every sampled token's log-prob is, by hand, from
+    log-softmax((1 + a) x logits(memory + context + reply so far) - a x logits(baseline + reply so
+    far)), for rows of different lengths in one batch; with the baseline equal to the prompt it changes
+    nothing."""
+    model, tok = smol
+    memories = ["[FRIEND] i grew up in seoul (2018-05-15)\n", "[RIYA] my sister is a nurse (2018-06-01)\n[RIYA] hi\n"]
+    forms = ["[FRIEND] (2018-05-15)\n", "[RIYA] (2018-06-01)\n[RIYA] hi\n"]
+    contexts = ["[RIYA] where are you from again?\n[FRIEND]", "[FRIEND] what does she do\n[RIYA]"]
+    prompts = [tok.encode(m + c) for m, c in zip(memories, contexts)]
+    plains = [tok.encode(c) for c in contexts]
+    baselines = [tok.encode(f + c) for f, c in zip(forms, contexts)]
+    a = 1.5
+    opts = Options(max_new_tokens=5, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=2)
+    replies = sample.generate_ids(model, prompts, opts, context_ids=plains, contrast=a, baseline_ids=baselines)
+    with torch.no_grad():
+        for p, c, r in zip(prompts, baselines, replies):
+            for t, token in enumerate(r.ids):
+                with_memory = model(torch.tensor([p + r.ids[:t]]))[0, -1]
+                without = model(torch.tensor([c + r.ids[:t]]))[0, -1]
+                by_hand = ((1 + a) * with_memory - a * without).log_softmax(-1)[token]
+                assert abs(by_hand.item() - r.logprobs[t]) < 1e-4
+    same = sample.generate_ids(model, prompts, opts, context_ids=plains, contrast=a, baseline_ids=prompts)
+    plain = sample.generate_ids(model, prompts, opts)
+    assert [r.ids for r in same] == [r.ids for r in plain]
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in same]), torch.tensor([r.logprobs for r in plain]))
+    assert not torch.allclose(torch.tensor([r.logprobs for r in replies]), torch.tensor([r.logprobs for r in plain]),
+                              atol=1e-3)  # the contrast changes the distribution: the check above can fail
+
+
+def test_reply_to_tells_generate_which_lines_are_the_memory(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sample, "generate", lambda model, tok, prompts, opts, hooks=None, contexts=None,
+                        baselines=None, **kw: seen.update(prompts=prompts, contexts=contexts, baselines=baselines)
+                        or ["ok"] * len(prompts))
+    sample.reply_to(None, None, ["[FRIEND] i live in oslo (2018-01-02)"], ["[RIYA] where?"], "[FRIEND]", Options(), n=2)
+    assert seen == {"prompts": ["[FRIEND] i live in oslo (2018-01-02)\n[RIYA] where?\n[FRIEND]"] * 2,
+                    "contexts": ["[RIYA] where?\n[FRIEND]"] * 2,
+                    "baselines": ["[FRIEND] (2018-01-02)\n[RIYA] where?\n[FRIEND]"] * 2}  # the form, not the words
+    sample.reply_to(None, None, [], ["[RIYA] where?"], "[FRIEND]", Options())
+    assert seen == {"prompts": ["[RIYA] where?\n[FRIEND]"], "contexts": None, "baselines": None}  # nothing to tell apart
+
+
+def test_a_reply_read_with_a_memory_ends_where_it_copies_a_memory_date(monkeypatch):
+    texts = iter(["i live in oslo (2018-01-02) and more", "(2018-01-0", "we met in 2018 (in may)", "ok"] * 2)
+    monkeypatch.setattr(sample, "generate_ids", lambda model, ids, opts, *a: [sample.Reply([1], [0.0], True)] * len(ids))
+    monkeypatch.setattr(sample, "reply_text", lambda tok, prompt, reply: next(texts))
+    monkeypatch.setattr(sample, "turn_ends", lambda tok: None)
+    tok = type("Tok", (), {"encode": lambda self, text: [1]})()
+    prompts = ["p"] * 4
+    assert sample.generate(None, tok, prompts, Options(), contexts=prompts) == ["i live in oslo", "", "we met in 2018 (in may)", "ok"]
+    assert sample.generate(None, tok, prompts, Options())[:2] == ["i live in oslo (2018-01-02) and more", "(2018-01-0"]
