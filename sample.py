@@ -67,7 +67,8 @@ class Options:
                             "simulated"] = False
     memory_file: Annotated[str, "--memory: its file (default: memory.jsonl next to the adapter)"] = ""
     memory_contrast: Annotated[float, "--memory: context-aware decoding, sample from (1 + a) x the logits with "
-                                      "the memory - a x those without it (two forwards a token); 0 = off",
+                                      "the memory - a x those with its lines' form only, tag and date (two "
+                                      "forwards a token); 0 = off",
                                Range(0)] = 0.0
     steer: Annotated[str, "steering vectors from steer.py, NAME:ALPHA[,NAME:ALPHA...]: NAME is "
                           "out/steer/NAME.safetensors or a path, ALPHA scales its saved setting (1 = as "

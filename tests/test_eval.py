@@ -339,7 +339,7 @@ def test_cli_prints_the_table_and_writes_the_json(small_chat, tiny_chat_dir, tin
                 "| always the same person again |", "| fine-tuned |"):
         assert row in out.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result["nll"]) == set("abcdefh") and result["settings"]["long_context"] == 64
+    assert set(result["nll"]) == set("abcdefhi") and result["settings"]["long_context"] == 64
     assert result["settings"]["speaker"] == FRIEND and result["samples"]["real"]["n"] == 4
     assert result["nll"]["a"]["messages"] == result["nll"]["b"]["messages"] == result["settings"]["messages"]
     assert result["settings"]["messages"] == result["settings"]["held_out_messages"]  # fewer than 200: all
