@@ -231,9 +231,9 @@ def form(line: str) -> str:
     return f"{TAG_LINE.match(head).group()} ({date}"
 
 
-# Where a reply copied render's date ("... (2018-05-13)"): the memory's, never the person's words, so a
-# reply read with a memory ends there (sample.generate).
-COPIED_DATE = re.compile(r"\s*\((?:19|20)\d\d-\d")
+# Where a reply copied render's date ("... (2018-05-13)", or some of it: "2018-05"): the memory's, never
+# the person's words, so a reply read with a memory ends there (sample.generate). "1990-1995" is no date.
+COPIED_DATE = re.compile(r"\s*\(?(?:19|20)\d\d-[01]\d\b")
 
 
 # Chat's function words: sharing "you" or "the" with the context is no reason to recall a line, and

@@ -308,11 +308,13 @@ def test_reply_to_tells_generate_which_lines_are_the_memory(monkeypatch):
 
 
 def test_a_reply_read_with_a_memory_ends_where_it_copies_a_memory_date(monkeypatch):
-    texts = iter(["i live in oslo (2018-01-02) and more", "(2018-01-0", "we met in 2018 (in may)", "ok"] * 2)
+    texts = iter(["i live in oslo (2018-01-02) and more", "(2018-01-0", "we met in 2018 (in may)", "ux design 2018-05 yes",
+                  "from 1990-1995"] * 2)
     monkeypatch.setattr(sample, "generate_ids", lambda model, ids, opts, *a: [sample.Reply([1], [0.0], True)] * len(ids))
     monkeypatch.setattr(sample, "reply_text", lambda tok, prompt, reply: next(texts))
     monkeypatch.setattr(sample, "turn_ends", lambda tok: None)
     tok = type("Tok", (), {"encode": lambda self, text: [1]})()
-    prompts = ["p"] * 4
-    assert sample.generate(None, tok, prompts, Options(), contexts=prompts) == ["i live in oslo", "", "we met in 2018 (in may)", "ok"]
+    prompts = ["p"] * 5
+    assert sample.generate(None, tok, prompts, Options(), contexts=prompts) == [
+        "i live in oslo", "", "we met in 2018 (in may)", "ux design", "from 1990-1995"]
     assert sample.generate(None, tok, prompts, Options())[:2] == ["i live in oslo (2018-01-02) and more", "(2018-01-0"]
