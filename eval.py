@@ -328,15 +328,18 @@ def memory_retriever(entries, tok, budget: int, form=False):
 
 
 @torch.inference_mode()
-def contrasted(model, tok, held_out, tags, keys, retrieve, baseline, context_messages, max_len, weight: float) -> Scores:
-    """(h) scored under context-aware decoding's distribution (sample.Options.memory_contrast): each
-    held-out message of keys after its short context, each token's log-prob from the log-softmax of
-    (1 + weight) x the logits with the memory (retrieve(s, context)) before the context - weight x those
-    with baseline(s, context) before it (as sample.reply_to: the memory's form, not its words). What the
-    contrast costs the person: the messages they really wrote, under the distribution it samples from."""
+def contrasted(model, tok, held_out, tags, keys, retrieve, baseline, context_messages, max_len,
+               weight: float) -> tuple[Scores, Scores]:
+    """(h) and (h) scored under context-aware decoding's distribution (sample.Options.memory_contrast),
+    from one forward with the memory and one with its form: each held-out message of keys after its
+    short context, each token's log-prob from the log-softmax of the logits with the memory
+    (retrieve(s, context)) before the context ((h), as short_context scores it: the same rows), and from
+    that of (1 + weight) x those logits - weight x those with baseline(s, context) before it (as
+    sample.reply_to: the memory's form, not its words). The second is what the contrast costs the
+    person: the messages they really wrote, under the distribution it samples from."""
     device = model.embed_tokens.weight.device
-    scores = Scores()
-    for s, i in cli.progress(sorted(keys), desc="(h) with contrast", unit="message", leave=False):
+    plain, scores = Scores(), Scores()
+    for s, i in cli.progress(sorted(keys), desc="(h), (i) memory, with contrast", unit="message", leave=False):
         m, context = held_out[s][i], before(held_out[s], i, context_messages)
         rows = [encode_example(tok, extra + context, m, tags, max_len)[:2] for extra in (retrieve(s, context),
                                                                                          baseline(s, context))]
@@ -347,9 +350,10 @@ def contrasted(model, tok, held_out, tags, keys, retrieve, baseline, context_mes
             continue  # the message itself cut by max_len differently: nothing comparable to score
         h = model(tokens[:, :-1], unembed=False)  # (2, T-1, D): the stream at t predicts token t + 1
         logits = [model.unembed(h[r][scored[r, 1:]]).float() for r in range(2)]  # 2 x (N, V)
-        logp = ((1 + weight) * logits[0] - weight * logits[1]).log_softmax(-1).gather(1, target[:, None])[:, 0]
-        scores.nll[(s, i)], scores.chars[(s, i)] = (-logp.sum().item(), len(target)), scored_chars(m)
-    return scores
+        for out, mixed in ((plain, logits[0]), (scores, (1 + weight) * logits[0] - weight * logits[1])):
+            logp = mixed.log_softmax(-1).gather(1, target[:, None])[:, 0]
+            out.nll[(s, i)], out.chars[(s, i)] = (-logp.sum().item(), len(target)), scored_chars(m)
+    return plain, scores
 
 
 def rare_words(train_sessions, tags, speaker_tag, max_messages=5) -> set:
@@ -1097,10 +1101,16 @@ def evaluate(opts: Options) -> dict:
     # (h): memory.py's memory of the training sessions only (never a held-out message), recalled per context.
     entries = mem.build(messages, data.session_gap_hours, data.val_frac) if opts.memory_tokens else []
     recall_for = memory_retriever(entries, tok, opts.memory_tokens)
-    h = timed("(h)", lambda: short("(h) fine-tuned, memory", opts.memory_tokens, retrieve=recall_for)) if entries else None
-    forms = memory_retriever(entries, tok, opts.memory_tokens, form=True)
-    i = timed("(i)", lambda: contrasted(model, tok, held_out, tags, h.nll.keys(), recall_for, forms, data.context_messages,
-                                        data.max_len, opts.memory_contrast)) if h and opts.memory_contrast else None
+    h = i = None
+    if entries and opts.memory_contrast:  # (h) from (i)'s forwards with the memory: the same rows, scored once
+        forms = memory_retriever(entries, tok, opts.memory_tokens, form=True)
+        keys = [(s, j) for s, session in enumerate(held_out) for j, m in enumerate(session)
+                if (s, j) >= start and tags[m.speaker] == speaker_tag]
+        h, i = timed("(h), (i)", lambda: contrasted(model, tok, held_out, tags, keys, recall_for, forms,
+                                                    data.context_messages, data.max_len + opts.memory_tokens,
+                                                    opts.memory_contrast))
+    elif entries:
+        h = timed("(h)", lambda: short("(h) fine-tuned, memory", opts.memory_tokens, retrieve=recall_for))
     said_tuned = timed("who said (fine-tuned)", lambda: said("who said this (fine-tuned)")) if opts.who_said else None
 
     runs = [("a", "base", "short", a), ("b", "base", "long", b), ("c", "fine-tuned", "short", c),

@@ -499,7 +499,8 @@ def test_the_interval_over_facts_by_hand():
 
 
 def test_memory_read_by_contrast_is_scored_as_by_hand(smol):
-    """contrasted: at weight 0 it is (h); with no memory it is (c) at any weight; at weight 1, by hand,
+    """contrasted: its plain scores are (h) as short_context scores it, at any weight, and so is its
+    contrast at weight 0; with no memory both are (c) at any weight; at weight 1, by hand,
     log-softmax(2 x the logits with the memory - the logits with its form) at each of a message's tokens."""
     model, tok = smol
     t = datetime(2020, 5, 1)
@@ -515,12 +516,15 @@ def test_memory_read_by_contrast_is_scored_as_by_hand(smol):
     c = ev.short_context(model, tok, held, tags, "[FRIEND]", 8, 512, batch_size=8)
     keys = sorted(h.nll)
     assert keys == [(0, 2), (0, 4)]
-    zero = ev.contrasted(model, tok, held, tags, keys, retrieve, baseline, 8, 512, 0.0)
+    _, zero = ev.contrasted(model, tok, held, tags, keys, retrieve, baseline, 8, 512, 0.0)
     nothing = ev.contrasted(model, tok, held, tags, keys, *[lambda s, context: []] * 2, 8, 512, 2.0)
-    one = ev.contrasted(model, tok, held, tags, keys, retrieve, baseline, 8, 512, 1.0)
+    plain, one = ev.contrasted(model, tok, held, tags, keys, retrieve, baseline, 8, 512, 1.0)
     for k in keys:
-        assert zero.nll[k] == (pytest.approx(h.nll[k][0], rel=1e-4), h.nll[k][1])
-        assert nothing.nll[k] == (pytest.approx(c.nll[k][0], rel=1e-4), c.nll[k][1])
+        for scores in (zero, plain):
+            assert scores.nll[k] == (pytest.approx(h.nll[k][0], rel=1e-4), h.nll[k][1])
+            assert scores.chars[k] == h.chars[k]
+        for scores in nothing:
+            assert scores.nll[k] == (pytest.approx(c.nll[k][0], rel=1e-4), c.nll[k][1])
         s, i = k
         context = ev.before(held[s], i, 8)
         rows = [encode_example(tok, extra + context, held[s][i], tags, 512)[:2] for extra in (remembered, forms)]
