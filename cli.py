@@ -134,7 +134,12 @@ def file_sha256(path) -> str:
 
 
 def command(argv: list[str], commands: tuple[str, ...], script: str) -> tuple[str, list[str]]:
-    """`python tda.py index --flags` -> ("index", ["--flags"]): the first argument names a command."""
+    """`python tda.py index --flags` -> ("index", ["--flags"]): the first argument names a command.
+    `python tda.py --help` prints the script's docstring, which shows each command, and exits 0."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: python {script} {{{','.join(commands)}}} [flags]    (python {script} COMMAND --help: "
+              f"its flags)\n\n{(sys.modules['__main__'].__doc__ or '').strip()}")
+        raise SystemExit(0)
     name = argv[0] if argv and not argv[0].startswith("-") else ""
     if name not in commands:
         raise BadInput(f"the first argument names the command: {', '.join(commands)} (got {name!r}); "

@@ -380,3 +380,15 @@ def test_quitting_at_once_is_one_sentence_and_status_130(capsys):
         cli.exit_on_bad_input(main)
     err = capsys.readouterr().err
     assert stopped.value.code == 130 and len(err.splitlines()) == 1 and "--resume" in err
+
+
+@pytest.mark.parametrize("module", ["tda", "steer", "rlaif", "memory"])
+def test_help_before_a_command_shows_the_commands_not_an_error(module):
+    """`python steer.py --help` is a question, not bad input: the commands and the script's docstring,
+    exit status 0 (a command's own --help still lists its flags)."""
+    out = script(f"{module}.py", "--help")
+    commands = importlib.import_module(module).COMMANDS
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: python {module}.py {{{','.join(commands)}}}"), out.stderr
+    assert importlib.import_module(module).__doc__.strip().splitlines()[0] in out.stdout
+    out = script(f"{module}.py", commands[0], "--help")
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: {module}.py [-h]"), out.stderr
