@@ -32,7 +32,9 @@ reported.)
 eval: whole sampled replies to the test prompts and real held-out contexts, at several alphas, for the
 saved vector, a random direction of the same norm at the same layer, and the replier's own upbeat (or
 downbeat) lines placed before the prompt; judged by VADER and by the unsteered model, each checked
-against rated messages; with the cost to the person (held-out NLL), perplexity, distinct-2, empties.
+against rated messages; with the cost to the person (held-out NLL), perplexity, distinct-2, empties;
+and the ceiling all of them are read against, the ideal tilt of the unsteered replies toward VADER
+(what the cheapest possible "happier" would cost the person).
 
 probe: a logistic-regression probe on rated messages (rating 1-5 -> soft label (rating - 1) / 4) reads
 resid.L; its weight vector is the direction, saved in the same format to steer at resid.L.
@@ -103,6 +105,8 @@ class Options:
     contexts: Annotated[int, "real contexts of the replier added to the prompts: search, from training sessions "
                              "to the selection half; eval, from held-out sessions to the test half", Range(0)] = 16
     held_out: Annotated[int, "eval: real held-out messages of the replier whose NLL measures the cost", Range(1)] = 64
+    tilt_samples: Annotated[int, "eval: unsteered replies per test prompt and per held-out context for the ideal "
+                                 "tilt, the ceiling every condition is read against; 0 = none", Range(0)] = 16
     bootstrap: Annotated[int, "eval: bootstrap resamples for each interval", Range(100)] = 2000
     seed: Annotated[int, "seed for the random settings, the sampled replies and the probe's split"] = 0
 
@@ -645,6 +649,69 @@ def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
     return nll / count
 
 
+# The ceiling: the ideal tilt. However replies are made happier, the cheapest way to raise their mean
+# VADER by a given amount is, to first order, the exponential tilt of the unsteered model's replies,
+#     p_lam(reply | c) = p(reply | c) exp(lam VADER(reply)) / Z_c(lam),   Z_c(lam) = E_p[exp(lam VADER)],
+# the distribution closest to the model's (in KL) with that higher mean. It is a reference, not a
+# method: it reads the judge itself (best-of-n reranking by VADER approximates it). Nor is it a strict
+# bound: it is closest to the model's own replies while the cost is read on the person's real ones
+# (less upbeat: VADER 0.14 against the model's 0.25 at the same held-out contexts), and both of its
+# sides are estimated from samples; on the shipped data the vector at alpha 0.5 sat a little above it.
+# Its cost to the person is exact per message: the tilt reweights the judged reply (its first --sample-tokens tokens, to a line's end) and
+# leaves the rest of the message as it was, so a real message's NLL rises by
+#     log Z_c(lam) - lam VADER(its judged part),
+# summed over messages, over their tokens (as held_out_nll counts them). Z_c is estimated from
+# --tilt-samples replies at each held-out context, and the tilted mean VADER on the test prompts by
+# self-normalised weights over as many replies per prompt; both estimates sit a little low with few
+# replies (on the shipped data, +0.20 cost +0.015 to +0.018 nats/token from two disjoint sets of 16
+# replies per context, +0.016 from 32).
+TILT_LAMBDAS = torch.arange(0, 6.0001, 0.02, dtype=torch.float64)  # lam >= 0: happier only
+
+
+def judged_part(tok, e, n_tokens: int) -> str:
+    """The part of an example's real reply the tilt reweights, cut as sampled replies are: its first
+    n_tokens tokens, up to a line's end."""
+    return tok.decode(e.tokens[e.loss_mask.index(True) :][:n_tokens]).split("\n")[0]
+
+
+def tilt_curves(S, C, real, tokens) -> dict:
+    """S (P, n): VADER of n unsteered replies per test prompt; C (M, n): per held-out context; real (M,):
+    VADER of each real message's judged part; tokens (M,): its tokens -> for each lam of TILT_LAMBDAS,
+    the tilt's change in mean VADER and in positive share over the prompts, and its held-out NLL change
+    in nats per token."""
+    lam = TILT_LAMBDAS[:, None, None]  # (K, 1, 1)
+    w = torch.softmax(lam * S[None], -1)  # (K, P, n): each prompt's replies reweighted
+    positive = (S >= POSITIVE_AT).double()
+    log_z = torch.logsumexp(lam * C[None], -1) - math.log(C.shape[1])  # (K, M)
+    return {"lambda": TILT_LAMBDAS.tolist(),
+            "vader_change": ((w * S).sum(-1) - S.mean(-1)).mean(-1).tolist(),
+            "positive_change": ((w * positive).sum(-1) - positive.mean(-1)).mean(-1).tolist(),
+            "nll_change": ((log_z - TILT_LAMBDAS[:, None] * real).sum(-1) / tokens.sum()).tolist()}
+
+
+def tilt_at(curves: dict, given: str, value: float, wanted: str):
+    """curves[wanted] at the smallest lam where curves[given] reaches value; None if it never does."""
+    return next((y for x, y in zip(curves[given], curves[wanted]) if x >= value), None)
+
+
+def ideal_tilt(model, tok, prompts, held_out, opts: Options) -> dict:
+    """The tilt's curves (tilt_curves) from --tilt-samples unsteered replies to each test prompt and at
+    each held-out example's context, seeds apart from the conditions'."""
+    n = opts.tilt_samples
+
+    def scores(contexts, seed):  # (len(contexts), n), 8 contexts a batch: n rows each, long contexts
+        out = [vader(sample.generate(model, tok, [c for c in contexts[j : j + 8] for _ in range(n)],
+                                     sample.Options(max_new_tokens=opts.sample_tokens, seed=seed + j)))
+               for j in range(0, len(contexts), 8)]
+        return torch.cat(out).view(len(contexts), n).double()
+
+    real = vader([judged_part(tok, e, opts.sample_tokens) for e in held_out]).double()
+    tokens = torch.tensor([len(e.tokens) - e.loss_mask.index(True) for e in held_out], dtype=torch.float64)
+    curves = tilt_curves(scores(prompts, opts.seed + 1), scores([e.text[: e.cut] for e in held_out], opts.seed + 2),
+                         real, tokens)
+    return {"samples_per_context": n, "real_vader": real.mean().item(), **curves}
+
+
 def parse_alphas(text: str) -> list[float]:
     try:
         alphas = sorted({float(a) for a in text.split(",")})
@@ -716,16 +783,18 @@ def evaluate(opts: Options) -> dict:
                      "ppl": perplexity(model, tok, repeated, replies), "distinct_2": ev.distinct(replies, 2),
                      "empty": sum(not r.strip() for r in replies) / len(replies), "words": sum(words) / len(words)})
         replies_of[c["condition"], c["alpha"]] = replies
-    return summarise(rows, replies_of, prompts, agreement, opts, {
+    tilt = ideal_tilt(model, tok, prompts, held_out, opts) if opts.tilt_samples else None
+    return summarise(rows, replies_of, prompts, agreement, opts, tilt, {
         "vector": str(path), "setting": {k: meta.get(k) for k in ("steer_layer", "extract_layer", "alpha_pos", "alpha_neg")},
         "model": tuned.base_model, "adapter": tuned.adapter, "speaker": speaker, "prompts": len(prompts),
         "test_prompts_from_pairs": len(split_prompts(data["prompts"], opts.seed)[1]), "held_out_messages": len(held_out),
         "replies_per_prompt": opts.replies, "seconds": round(time.time() - t0)})
 
 
-def summarise(rows, replies_of, prompts, agreement, opts, settings) -> dict:
+def summarise(rows, replies_of, prompts, agreement, opts, tilt, settings) -> dict:
     """Per row: means with bootstrap intervals over prompts, paired differences from unsteered, and for
-    the vector and random rows the share of prompts whose score rises with alpha."""
+    the vector and random rows the share of prompts whose score rises with alpha; for each vector row
+    that raises VADER at a cost, what the ideal tilt (if measured) gains at that cost and pays for that gain."""
     base = next(r for r in rows if r["condition"] == "unsteered")
     v0 = np.array(base["vader_per_prompt"])
     for r in rows:
@@ -734,6 +803,10 @@ def summarise(rows, replies_of, prompts, agreement, opts, settings) -> dict:
         r["vader_change"] = ev.mean_with_interval(v - v0, opts.bootstrap, opts.seed)  # paired, prompt by prompt
         r["judge"] = float(np.mean(r["judge_per_prompt"]))
         r["nll_change"] = r["held_out_nll"] - base["held_out_nll"]
+    for r in rows:
+        if tilt and r["condition"] == "vector" and r["vader_change"]["mean"] > 0 and r["nll_change"] > 0:
+            r["tilt"] = {"vader_change_at_this_cost": tilt_at(tilt, "nll_change", r["nll_change"], "vader_change"),
+                         "nll_change_for_this_vader": tilt_at(tilt, "vader_change", r["vader_change"]["mean"], "nll_change")}
     steerable = {}
     for name in ("vector", "random"):
         line = sorted([base] + [r for r in rows if r["condition"] == name], key=lambda r: r["alpha"])
@@ -744,7 +817,7 @@ def summarise(rows, replies_of, prompts, agreement, opts, settings) -> dict:
     samples = {f"{c} {a:+g}": replies[: opts.replies * 2 : opts.replies] for (c, a), replies in replies_of.items()
                if c == "unsteered" or abs(a) == 1}
     return {"settings": {**asdict(opts), **settings}, "agreement": agreement, "rows": rows, "steerable": steerable,
-            "verdict": verdict(rows), "samples": samples, "sample_prompts": prompts[:2]}
+            "verdict": verdict(rows), "tilt": tilt, "samples": samples, "sample_prompts": prompts[:2]}
 
 
 def verdict(rows) -> str:
@@ -781,6 +854,17 @@ def eval_markdown(r: dict) -> str:
     out += ["", f"Prompts whose VADER score rises with alpha: vector {st['vector']['steerable']:.0%} "
             f"(falls: {st['vector']['anti_steerable']:.0%}), random {st['random']['steerable']:.0%}.",
             "", "Verdict: " + r["verdict"]]
+    tilt = r.get("tilt")
+    if tilt:
+        out += ["", f"The ceiling, the ideal tilt of the unsteered replies toward VADER ({tilt['samples_per_context']} "
+                "replies per context; a reference for what a given cost can buy, not a rival: it reads the judge):"]
+        for x in r["rows"]:
+            t = x.get("tilt")
+            if t:
+                gain, cost = t["vader_change_at_this_cost"], t["nll_change_for_this_vader"]
+                out.append(f"- vector {x['alpha']:+g}: {x['vader_change']['mean']:+.3f} for {x['nll_change']:+.4f} nats/token; "
+                           f"the tilt gains {'more than the curve holds' if gain is None else f'{gain:+.3f}'} at that cost "
+                           f"and pays {'-' if cost is None else f'{cost:+.4f}'} for that gain")
     return "\n".join(out)
 
 
@@ -797,9 +881,14 @@ def plot_eval(r: dict, path: Path):
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, c=f"C{k}", label=name)
         for x, y, row in zip(xs, ys, line):
             ax.annotate(f"{row['alpha']:+g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{k}")
+    tilt = r.get("tilt")
+    if tilt:
+        shown = [k for k, x in enumerate(tilt["nll_change"]) if x <= max(row["nll_change"] for row in r["rows"])]
+        ax.plot([tilt["nll_change"][k] for k in shown], [base["vader"]["mean"] + tilt["vader_change"][k] for k in shown],
+                "k--", lw=1, label="ideal tilt (a reference: it reads VADER)")
     ax.set(xlabel="held-out NLL change (nats/token): the cost to sounding like the person",
            ylabel="VADER compound of the replies", title=f"steering {Path(r['settings']['vector']).stem}: concept vs cost")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
     cli.save_figure(fig, path)
 
 

@@ -2,6 +2,7 @@
 nothing, the coherence bounds reject an absurd push, steered cached decoding equals a steered full
 forward, vector files round-trip and drive the CLI, and the probe finds a planted direction."""
 import json
+import math
 
 import pytest
 import torch
@@ -367,8 +368,11 @@ def test_eval_runs_end_to_end_on_a_vector_and_writes_its_table(tiny_chat_dir, ti
                       {"model": str(tiny_chat_dir), "adapter": str(tiny_adapter), "steer_layer": 2, "alpha_pos": 1.0,
                        "alpha_neg": 1.0})
     opts = steer.Options(pairs=str(PAIRS), adapter=str(tiny_adapter), name=str(path), replies=2, contexts=3, held_out=8,
-                         sample_tokens=4, alphas="-1,0,1", bootstrap=200)
+                         sample_tokens=4, alphas="-1,0,1", bootstrap=200, tilt_samples=3)
     r = steer.evaluate(opts)
+    tilt = r["tilt"]
+    assert tilt["samples_per_context"] == 3 and len(tilt["nll_change"]) == len(steer.TILT_LAMBDAS)
+    assert abs(tilt["vader_change"][0]) < 1e-12 and all(b >= a - 1e-12 for a, b in zip(tilt["vader_change"], tilt["vader_change"][1:]))
     kinds = sorted((x["condition"], x["alpha"]) for x in r["rows"])
     assert kinds == [("prompt", -1), ("prompt", 1), ("random", -1), ("random", 1), ("unsteered", 0), ("vector", -1),
                      ("vector", 1)]
@@ -381,3 +385,25 @@ def test_eval_runs_end_to_end_on_a_vector_and_writes_its_table(tiny_chat_dir, ti
     assert "| vector | +1 |" in table and "Verdict:" in table
     steer.plot_eval(r, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_the_ideal_tilt_is_computed_as_by_hand():
+    """tilt_curves: at lam 0 nothing changes; at lam 1 the tilted mean of each prompt's replies, the
+    positive share, and the held-out cost log Z_c(1) - VADER(real), over tokens, by hand; tilt_at reads
+    the first lam that reaches a value."""
+    S = torch.tensor([[0.5, -0.5], [0.0, 0.0]], dtype=torch.float64)  # 2 prompts x 2 replies
+    C = torch.tensor([[1.0, 0.0], [0.2, 0.2], [-0.4, 0.6]], dtype=torch.float64)  # 3 held-out contexts
+    real = torch.tensor([0.0, 0.5, -1.0], dtype=torch.float64)
+    tokens = torch.tensor([4.0, 2.0, 10.0], dtype=torch.float64)
+    t = steer.tilt_curves(S, C, real, tokens)
+    k = t["lambda"].index(1.0)
+    assert t["lambda"][0] == 0 and t["vader_change"][0] == 0 and t["positive_change"][0] == 0 and t["nll_change"][0] == 0
+    w = math.exp(0.5) / (math.exp(0.5) + math.exp(-0.5))
+    assert t["vader_change"][k] == pytest.approx((0.5 * w - 0.5 * (1 - w)) / 2)  # the second prompt cannot move
+    assert t["positive_change"][k] == pytest.approx((w - 0.5) / 2)
+    log_z = [math.log((math.exp(1) + 1) / 2), 0.2, math.log((math.exp(-0.4) + math.exp(0.6)) / 2)]
+    assert t["nll_change"][k] == pytest.approx(sum(z - r for z, r in zip(log_z, [0.0, 0.5, -1.0])) / 16)
+    assert all(b >= a for a, b in zip(t["vader_change"], t["vader_change"][1:]))  # happier with lam
+    assert steer.tilt_at(t, "vader_change", t["vader_change"][k], "lambda") == pytest.approx(1.0)
+    assert steer.tilt_at(t, "vader_change", 0.9, "nll_change") is None  # beyond what these replies can reach
+
