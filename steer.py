@@ -33,8 +33,8 @@ eval: whole sampled replies to the test prompts and real held-out contexts, at s
 saved vector, a random direction of the same norm at the same layer, and the replier's own upbeat (or
 downbeat) lines placed before the prompt; judged by VADER and by the unsteered model, each checked
 against rated messages; with the cost to the person (held-out NLL), perplexity, distinct-2, empties;
-and the ceiling all of them are read against, the ideal tilt of the unsteered replies toward VADER
-(what the cheapest possible "happier" would cost the person).
+and the reference all of them are read against, the ideal tilt of the unsteered replies toward VADER
+(to first order, what the cheapest possible "happier" would cost the person).
 
 probe: a logistic-regression probe on rated messages (rating 1-5 -> soft label (rating - 1) / 4) reads
 resid.L; its weight vector is the direction, saved in the same format to steer at resid.L.
@@ -106,7 +106,7 @@ class Options:
                              "to the selection half; eval, from held-out sessions to the test half", Range(0)] = 16
     held_out: Annotated[int, "eval: real held-out messages of the replier whose NLL measures the cost", Range(1)] = 64
     tilt_samples: Annotated[int, "eval: unsteered replies per test prompt and per held-out context for the ideal "
-                                 "tilt, the ceiling every condition is read against; 0 = none", Range(0)] = 16
+                                 "tilt, the reference every condition is read against; 0 = none", Range(0)] = 16
     bootstrap: Annotated[int, "eval: bootstrap resamples for each interval", Range(100)] = 2000
     seed: Annotated[int, "seed for the random settings, the sampled replies and the probe's split"] = 0
 
@@ -649,7 +649,7 @@ def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
     return nll / count
 
 
-# The ceiling: the ideal tilt. However replies are made happier, the cheapest way to raise their mean
+# The reference: the ideal tilt. However replies are made happier, the cheapest way to raise their mean
 # VADER by a given amount is, to first order, the exponential tilt of the unsteered model's replies,
 #     p_lam(reply | c) = p(reply | c) exp(lam VADER(reply)) / Z_c(lam),   Z_c(lam) = E_p[exp(lam VADER)],
 # the distribution closest to the model's (in KL) with that higher mean. It is a reference, not a
@@ -657,8 +657,9 @@ def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
 # bound: it is closest to the model's own replies while the cost is read on the person's real ones
 # (less upbeat: VADER 0.14 against the model's 0.25 at the same held-out contexts), and both of its
 # sides are estimated from samples; on the shipped data the vector at alpha 0.5 sat a little above it.
-# Its cost to the person is exact per message: the tilt reweights the judged reply (its first --sample-tokens tokens, to a line's end) and
-# leaves the rest of the message as it was, so a real message's NLL rises by
+# Its cost to the person is exact per message: the tilt reweights the judged reply (its first
+# --sample-tokens tokens, to a line's end) and leaves the rest of the message as it was, so a real
+# message's NLL rises by
 #     log Z_c(lam) - lam VADER(its judged part),
 # summed over messages, over their tokens (as held_out_nll counts them). Z_c is estimated from
 # --tilt-samples replies at each held-out context, and the tilted mean VADER on the test prompts by
@@ -856,7 +857,7 @@ def eval_markdown(r: dict) -> str:
             "", "Verdict: " + r["verdict"]]
     tilt = r.get("tilt")
     if tilt:
-        out += ["", f"The ceiling, the ideal tilt of the unsteered replies toward VADER ({tilt['samples_per_context']} "
+        out += ["", f"The reference, the ideal tilt of the unsteered replies toward VADER ({tilt['samples_per_context']} "
                 "replies per context; a reference for what a given cost can buy, not a rival: it reads the judge):"]
         for x in r["rows"]:
             t = x.get("tilt")
