@@ -708,9 +708,26 @@ def ideal_tilt(model, tok, prompts, held_out, opts: Options) -> dict:
 
     real = vader([judged_part(tok, e, opts.sample_tokens) for e in held_out]).double()
     tokens = torch.tensor([len(e.tokens) - e.loss_mask.index(True) for e in held_out], dtype=torch.float64)
-    curves = tilt_curves(scores(prompts, opts.seed + 1), scores([e.text[: e.cut] for e in held_out], opts.seed + 2),
-                         real, tokens)
-    return {"samples_per_context": n, "real_vader": real.mean().item(), **curves}
+    S, C = scores(prompts, opts.seed + 1), scores([e.text[: e.cut] for e in held_out], opts.seed + 2)
+    return {"samples_per_context": n, "real_vader": real.mean().item(), **tilt_curves(S, C, real, tokens),
+            "prompt_vader": S.tolist(), "context_vader": C.tolist(), "real_vader_each": real.tolist(),
+            "real_tokens": tokens.tolist()}  # what the curves were made from, for their intervals
+
+
+def tilt_gain_intervals(tilt: dict, costs: list[float], n_boot: int, seed: int) -> list:
+    """For each held-out cost, the 95% bootstrap interval of the tilt's VADER gain at that cost: the test
+    prompts and the held-out messages each resampled, the curves made again and read at the cost (both
+    of the tilt's sides are samples). None where some resample's curve never reaches the cost."""
+    S, C, real, tokens = (torch.tensor(tilt[k], dtype=torch.float64)
+                          for k in ("prompt_vader", "context_vader", "real_vader_each", "real_tokens"))
+    rng = np.random.default_rng(seed)
+    gains = []  # (n_boot, len(costs))
+    for _ in range(n_boot):
+        p, m = (torch.from_numpy(rng.integers(0, len(x), len(x))) for x in (S, C))
+        curves = tilt_curves(S[p], C[m], real[m], tokens[m])
+        gains.append([tilt_at(curves, "nll_change", c, "vader_change") for c in costs])
+    return [None if any(g[j] is None for g in gains) else np.percentile([g[j] for g in gains], [2.5, 97.5]).tolist()
+            for j in range(len(costs))]
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -804,10 +821,12 @@ def summarise(rows, replies_of, prompts, agreement, opts, tilt, settings) -> dic
         r["vader_change"] = ev.mean_with_interval(v - v0, opts.bootstrap, opts.seed)  # paired, prompt by prompt
         r["judge"] = float(np.mean(r["judge_per_prompt"]))
         r["nll_change"] = r["held_out_nll"] - base["held_out_nll"]
-    for r in rows:
-        if tilt and r["condition"] == "vector" and r["vader_change"]["mean"] > 0 and r["nll_change"] > 0:
-            r["tilt"] = {"vader_change_at_this_cost": tilt_at(tilt, "nll_change", r["nll_change"], "vader_change"),
-                         "nll_change_for_this_vader": tilt_at(tilt, "vader_change", r["vader_change"]["mean"], "nll_change")}
+    read = [r for r in rows if tilt and r["condition"] == "vector" and r["vader_change"]["mean"] > 0 and r["nll_change"] > 0]
+    intervals = tilt_gain_intervals(tilt, [r["nll_change"] for r in read], opts.bootstrap, opts.seed) if read else []
+    for r, interval in zip(read, intervals):
+        r["tilt"] = {"vader_change_at_this_cost": tilt_at(tilt, "nll_change", r["nll_change"], "vader_change"),
+                     "interval": interval,
+                     "nll_change_for_this_vader": tilt_at(tilt, "vader_change", r["vader_change"]["mean"], "nll_change")}
     steerable = {}
     for name in ("vector", "random"):
         line = sorted([base] + [r for r in rows if r["condition"] == name], key=lambda r: r["alpha"])
@@ -862,9 +881,10 @@ def eval_markdown(r: dict) -> str:
         for x in r["rows"]:
             t = x.get("tilt")
             if t:
-                gain, cost = t["vader_change_at_this_cost"], t["nll_change_for_this_vader"]
+                gain, cost, iv = t["vader_change_at_this_cost"], t["nll_change_for_this_vader"], t.get("interval")
+                within = f" [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else ""
                 out.append(f"- vector {x['alpha']:+g}: {x['vader_change']['mean']:+.3f} for {x['nll_change']:+.4f} nats/token; "
-                           f"the tilt gains {'more than the curve holds' if gain is None else f'{gain:+.3f}'} at that cost "
+                           f"the tilt gains {'more than the curve holds' if gain is None else f'{gain:+.3f}{within}'} at that cost "
                            f"and pays {'-' if cost is None else f'{cost:+.4f}'} for that gain")
     return "\n".join(out)
 

@@ -407,3 +407,26 @@ def test_the_ideal_tilt_is_computed_as_by_hand():
     assert steer.tilt_at(t, "vader_change", t["vader_change"][k], "lambda") == pytest.approx(1.0)
     assert steer.tilt_at(t, "vader_change", 0.9, "nll_change") is None  # beyond what these replies can reach
 
+
+def test_the_ideal_tilts_interval_resamples_prompts_and_messages():
+    """tilt_gain_intervals: where every prompt and every held-out message is alike, a resample is the
+    sample itself and the interval shrinks to the point; otherwise it holds the point; a cost no
+    resample's curve reaches has none."""
+    S = torch.tensor([[0.5, -0.5]] * 4, dtype=torch.float64)
+    C = torch.tensor([[1.0, 0.0]] * 3, dtype=torch.float64)
+    real, tokens = torch.zeros(3, dtype=torch.float64), torch.full((3,), 4.0, dtype=torch.float64)
+    arrays = {"prompt_vader": S.tolist(), "context_vader": C.tolist(), "real_vader_each": real.tolist(),
+              "real_tokens": tokens.tolist()}
+    t = {**steer.tilt_curves(S, C, real, tokens), **arrays}
+    cost = t["nll_change"][50]
+    (low, high), none = steer.tilt_gain_intervals(t, [cost, 10.0], 50, 0)
+    assert low == pytest.approx(t["vader_change"][50]) and high == pytest.approx(t["vader_change"][50]) and none is None
+    g = torch.Generator().manual_seed(0)
+    S, C = torch.rand(6, 8, generator=g, dtype=torch.float64) * 2 - 1, torch.rand(5, 8, generator=g, dtype=torch.float64) * 2 - 1
+    real, tokens = -torch.rand(5, generator=g, dtype=torch.float64), torch.full((5,), 3.0, dtype=torch.float64)  # less upbeat, as real ones are
+    t = {**steer.tilt_curves(S, C, real, tokens), "prompt_vader": S.tolist(), "context_vader": C.tolist(),
+         "real_vader_each": real.tolist(), "real_tokens": tokens.tolist()}
+    cost = t["nll_change"][50]  # lam 1's
+    (low, high), = steer.tilt_gain_intervals(t, [cost], 300, 0)
+    assert low < t["vader_change"][50] < high and high - low > 0.01
+
