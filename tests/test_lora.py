@@ -168,7 +168,9 @@ def test_the_merged_export_loads_in_transformers_with_our_logits(tiny_dir, tmp_p
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     tokens = random_tokens(2, 10, seed=6)
-    torch.testing.assert_close(hf(tokens).logits, model(tokens), **TOL)
+    # Folding B A into W rounds once more than adding x A B beside x W: 1.03e-5 in one logit on an Intel
+    # Xeon (within 1e-5 on a Zen 4), so this one comparison allows 5e-5.
+    torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=5e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -145,7 +145,11 @@ def test_two_gloo_processes_match_one_process_with_twice_the_accumulation(small_
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1["step"], key)
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Adam divides each gradient by its own running scale, so where a gradient is near zero the last bits of
+    # the summation order (gloo's all-reduce against one process's accumulation) move a step by a few
+    # percent: up to 1.2e-4 on an Intel Xeon (under 1e-6 on a Zen 4). A step is lr = 5e-3, so 5e-4 is a
+    # tenth of one; gradients left unshared between the processes differ by whole steps.
+    assert all(torch.allclose(a[k], b[k], atol=5e-4) for k in a)
     assert any(b[k].abs().sum() > 0 for k in b if "lora_B" in k)  # it trained
 
 

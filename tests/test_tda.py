@@ -279,7 +279,9 @@ def test_projected_gradients_are_the_projections_of_the_full_ones(small_chat, ti
         at += r * d_in + d_out * r
         p_in, p_out = P[name]
         parts += [(grad_A @ p_in.T).flatten(1), (p_out @ grad_B).flatten(1)]  # (N, r, k), (N, k, r)
-    torch.testing.assert_close(projected, torch.cat(parts, 1), atol=1e-5, rtol=1e-4)
+    # The two sides sum in other orders (batches of 2 and of 3): float32 noise reached 2.5e-5 on an Intel
+    # Xeon, where entries reach 23 (mean 0.7); a wrong projection is off by the entries' own size.
+    torch.testing.assert_close(projected, torch.cat(parts, 1), atol=1e-4, rtol=1e-4)
     assert projected.shape[1] == len(P) * 2 * 3 * 4
 
 
