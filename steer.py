@@ -6,6 +6,7 @@ it by whole replies against controls.
     python steer.py search --base --trials 40   # the model alone, more random settings
     python steer.py eval --name happy           # held-out prompts, vector vs random vs prompting -> out/steer/eval_happy.*
     python steer.py probe --base --layer 12     # a probe's direction -> out/steer/happy_probe.safetensors
+    python steer.py learn                       # a push fitted to the model's own replies -> out/steer/happy_learned.safetensors
     python sample.py --speaker FRIEND --prompt "[RIYA] how was your day?" --steer happy:2
 
 search: every statement of the contrast pairs (near-identical, "Today was a good day." / "Today was a
@@ -36,6 +37,10 @@ against rated messages; with the cost to the person (held-out NLL), perplexity, 
 and the reference all of them are read against, the ideal tilt of the unsteered replies toward VADER
 (to first order, what the cheapest possible "happier" would cost the person).
 
+learn: a push at one site fitted by Adam to raise the VADER of the model's own replies at training
+contexts (estimated from unsteered replies by importance weights), with the first-order cost to the
+person projected out, scaled to the cost bound and saved in the same format.
+
 probe: a logistic-regression probe on rated messages (rating 1-5 -> soft label (rating - 1) / 4) reads
 resid.L; its weight vector is the direction, saved in the same format to steer at resid.L.
 
@@ -61,10 +66,10 @@ import eval as ev
 import sample
 import sft
 from cli import POSITIVE, BadInput, Range, exit_on_bad_input, parse_options
-from model import add, capture, continuation_logprobs, pad, scored_logprobs
+from model import add, capture, continuation_logprobs, cpu_bf16, pad, scored_logprobs
 from prep import TAG_LINE, build_examples, load_pair
 
-COMMANDS = ("search", "probe", "eval")
+COMMANDS = ("search", "probe", "eval", "learn")
 
 
 @dataclass
@@ -90,10 +95,11 @@ class Options:
     max_nll_rise: Annotated[float, "bound on the cost to the person: the rise in mean NLL per token of real "
                                    "messages of the replier from the training sessions (eval measures held-out "
                                    "ones), in nats; the search scales each setting to just under it", POSITIVE] = 0.03
-    cost_messages: Annotated[int, "search, probe: training-session messages of the replier for that bound",
+    cost_messages: Annotated[int, "search, probe, learn: training-session messages of the replier for that bound",
                              Range(1)] = 48
     sample_tokens: Annotated[int, "longest reply sampled for the perplexity check, in tokens", Range(1)] = 20
-    layer: Annotated[int, "probe: the site resid.L it reads and steers; -1 = the middle layer", Range(-1)] = -1
+    layer: Annotated[int, "probe: the site resid.L it reads and steers, -1 = the middle layer; learn: the site it "
+                          "steers, -1 = two thirds of the depth", Range(-1)] = -1
     l2: Annotated[float, "probe: L2 penalty on its weights", Range(0)] = 1e-2
     strength: Annotated[float, "probe: how hard its saved setting pushes, as a fraction of the stream's "
                                "norm at --layer", POSITIVE] = 0.2
@@ -108,6 +114,11 @@ class Options:
     tilt_samples: Annotated[int, "eval: unsteered replies per test prompt and per held-out context for the ideal "
                                  "tilt, the reference every condition is read against; 0 = none", Range(0)] = 16
     bootstrap: Annotated[int, "eval: bootstrap resamples for each interval", Range(100)] = 2000
+    learn_contexts: Annotated[int, "learn: real contexts from the training sessions whose replies it learns from",
+                              Range(1)] = 64
+    learn_replies: Annotated[int, "learn: unsteered replies sampled per context", Range(2)] = 16
+    learn_steps: Annotated[int, "learn: Adam steps, 4 contexts each", Range(1)] = 32
+    lr: Annotated[float, "learn: Adam's learning rate for the push", POSITIVE] = 0.1
     seed: Annotated[int, "seed for the random settings, the sampled replies and the probe's split"] = 0
 
 
@@ -335,6 +346,10 @@ class Setting:
     r: float  # push along v_pos - v_neg, as a fraction of the stream's mean norm at resid.S
     t: float  # push along (v_pos + v_neg) / 2, likewise
 
+    def times(self, f: float) -> "Setting":
+        """The same direction, f times as hard."""
+        return Setting(self.extract, self.steer, self.pooling, self.r * f, self.t * f)
+
 
 def alphas(s: Setting, vectors: dict, norms) -> tuple[float, float]:
     """(alpha_pos, alpha_neg) of a setting. vectors: {pooling: (v_pos, v_neg) (L, D)}; norms (L,)."""
@@ -375,12 +390,13 @@ FIRST_POWER = 1.5
 MAX_SCALE = 3.0  # a direction that costs nearly nothing is pushed at most 3x per step, not to infinity
 
 
-def to_the_bound(s: Setting, rise_of, bound: float) -> tuple[Setting, float, list]:
-    """s scaled along its direction until rise_of(setting), its NLL rise, lies just under bound:
-    (the last setting measured, its rise, [[r, rise], ...] for every measure)."""
+def to_the_bound(s, rise_of, bound: float, measures: int = 3) -> tuple:
+    """s (a Setting, or anything with a strength .r and .times(f)) scaled along its direction until
+    rise_of(s), its NLL rise, lies just under bound: (the last one measured, its rise, [[r, rise], ...]
+    for every measure), after at most `measures` measures."""
     rise = rise_of(s)
     tried = [[s.r, rise]]
-    for _ in range(2):
+    for _ in range(measures - 1):
         if AIM ** 2 * bound <= rise <= bound:
             break
         k = FIRST_POWER
@@ -388,7 +404,7 @@ def to_the_bound(s: Setting, rise_of, bound: float) -> tuple[Setting, float, lis
             (r0, c0), (r1, c1) = tried[-2:]
             k = min(3.0, max(1.0, math.log(c1 / c0) / math.log(r1 / r0)))  # the law as measured here
         f = min(MAX_SCALE, (AIM * bound / rise) ** (1 / k)) if rise > 0 else MAX_SCALE
-        s = Setting(s.extract, s.steer, s.pooling, s.r * f, s.t * f)
+        s = s.times(f)
         rise = rise_of(s)
         tried.append([s.r, rise])
     return s, rise, tried
@@ -633,20 +649,25 @@ def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
     held-out ones in eval, training ones for the search's bound), steered by hooks or with line just
     before the replier's tag. Every condition encodes the
     prompt the same way (the reply's tokens kept as the example has them), so only the condition differs."""
+    nll, count = 0.0, 0
+    for tokens, scored in message_batches(model, tok, examples, line):
+        lp = scored_logprobs(model, tokens, scored, hooks=hooks)
+        nll, count = nll - lp.sum().item(), count + len(lp)
+    return nll / count
+
+
+def message_batches(model, tok, examples, line="", size=16) -> list:
+    """The examples' real replies after their contexts (line just before the replier's tag, if given), as
+    batches (tokens (B, T), scored (B, T) bool) of similar lengths: less padding to compute."""
     device = model.embed_tokens.weight.device
     rows = []
     for e in examples:
         prompt = tok.encode(with_line(e.text[: e.cut], line) if line else e.text[: e.cut])
         reply = e.tokens[e.loss_mask.index(True) :]
         rows.append((prompt + reply, [False] * len(prompt) + [True] * len(reply)))
-    rows.sort(key=lambda r: len(r[0]))  # batches of similar lengths: less padding to compute
-    nll, count = 0.0, 0
-    for j in range(0, len(rows), 16):
-        tokens, _ = pad([r for r, _ in rows[j : j + 16]], device=device)
-        scored = pad([m for _, m in rows[j : j + 16]], device=device)[0].bool()
-        lp = scored_logprobs(model, tokens, scored, hooks=hooks)
-        nll, count = nll - lp.sum().item(), count + len(lp)
-    return nll / count
+    rows.sort(key=lambda r: len(r[0]))
+    return [(pad([r for r, _ in rows[j : j + size]], device=device)[0],
+             pad([m for _, m in rows[j : j + size]], device=device)[0].bool()) for j in range(0, len(rows), size)]
 
 
 # The reference: the ideal tilt. However replies are made happier, the cheapest way to raise their mean
@@ -1000,6 +1021,131 @@ def probe(opts: Options) -> dict:
             "unsteered_concept": ref["concept"], **scores, "path": path, "seconds": time.time() - t0}
 
 
+# ---------------------------------------------------------------------------------------------------
+# Learned directions: the policy gradient, taken many times.
+#
+# The pairs' direction is read off 40 written statements. learn fits a push delta (D,) at resid.S to
+# the model's own replies instead. At each of --learn-contexts real contexts from the training sessions
+# the unsteered model samples --learn-replies replies r_i, judged V_i by VADER, and the steered model's
+# mean VADER there is estimated from those same replies by self-normalised importance weights:
+#     J_c(delta) = sum_i softmax_i(log p_delta(r_i | c) - log p_0(r_i | c)) V_i - mean_i V_i,
+# zero at delta = 0, with the policy gradient (1/n) sum_i (V_i - mean V) grad log p(r_i | c) there.
+# Adam climbs the mean of J_c over contexts (each step a few contexts, --learn-steps steps). Then the
+# first-order gradient of the person's NLL is projected out of the push: a fit that also minimised that
+# NLL (shipped data) bought its budget by fitting the friend better, cosine -0.64 with the gradient and a
+# first-order cost of -0.027, which is not happiness. Last, it is scaled to just under --max-nll-rise on
+# the search's cost messages, like every search setting, and saved in the same format (v_pos = the push,
+# v_neg = 0, alphas 1 and 0). It reads the judge it is graded by: eval's VADER gain is then partly VADER's
+# taste (on the shipped data the gain was in words, "love", "great", "awesome", not in the "!" it also added).
+
+@dataclass(frozen=True)
+class Strength:
+    r: float  # the push's norm
+
+    def times(self, f: float) -> "Strength":
+        return Strength(self.r * f)
+
+
+def reply_logprobs(model, rows, hooks=None):
+    """rows [(prompt ids, reply ids)] -> (B,): log p(reply | prompt), summed over the reply's tokens."""
+    device = model.embed_tokens.weight.device
+    tokens, _ = pad([p + r for p, r in rows], device=device)
+    scored = pad([[False] * len(p) + [True] * len(r) for p, r in rows], device=device)[0].bool()
+    lp = scored_logprobs(model, tokens, scored, hooks=hooks)  # (N,), row by row
+    return torch.zeros(len(rows), dtype=lp.dtype, device=device).index_add(0, scored[:, 1:].nonzero()[:, 0], lp)
+
+
+def importance_gain(lp, lp0, V):
+    """J_c: the mean of V (n,) under the steered model, estimated from replies sampled unsteered (their
+    log-probs lp under it, lp0 unsteered) by self-normalised importance weights, less the plain mean."""
+    return (torch.softmax(lp - lp0, 0) * V).sum() - V.mean()
+
+
+def nll_gradient(model, tok, examples, site: str):
+    """d(mean NLL per token of the examples' real replies) / d(a push added at site), at no push: (D,)."""
+    d = torch.zeros(model.cfg.dim, device=model.embed_tokens.weight.device, requires_grad=True)
+    batches = message_batches(model, tok, examples)
+    count = sum(int(scored[:, 1:].sum()) for _, scored in batches)
+    with torch.enable_grad():
+        for tokens, scored in batches:
+            (-scored_logprobs(model, tokens, scored, hooks={site: lambda x: x + d}).sum() / count).backward()
+    return d.grad
+
+
+def learn(opts: Options) -> dict:
+    t0 = time.time()
+    data = read_pairs(opts.pairs)
+    selection, _ = split_prompts(data["prompts"], opts.seed)
+    tuned = sft.load_tuned(opts.adapter, opts.model, opts.base, allow_other_base=opts.allow_other_base)
+    model, tok = tuned.model, tuned.tok
+    n_layers = model.cfg.n_layers
+    S = 2 * n_layers // 3 if opts.layer == -1 else opts.layer
+    if not 1 <= S < n_layers:
+        raise BadInput(f"--layer {opts.layer}: learn steers resid.1 .. resid.{n_layers - 1} (-1 = two thirds of the depth)")
+    site = f"resid.{S}"
+    speaker = replier(selection)
+    theirs = replier_examples(tuned, speaker, False, opts)  # training sessions only: eval's are never read
+    cost = spread(theirs[0::2], opts.cost_messages)  # the search's cost messages: the same bound
+    others = [e for e in theirs[0::2] if all(e is not c for c in cost)]
+    gradient_messages = spread(others, opts.cost_messages) or cost
+    contexts = [tok.encode(e.text[: e.cut]) for e in spread([e for e in theirs[1::2] if e.text[: e.cut] != speaker],
+                                                              opts.learn_contexts)]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only the push is learned; autograd records nothing below resid.S
+
+    # The unsteered replies, their VADER, and their log-probs without the push.
+    n, ends = opts.learn_replies, sample.turn_ends(tok)
+    rows, V, lp0 = [], [], []
+    for j in cli.progress(range(0, len(contexts), 8), desc="replies", unit="batch"):
+        ids = [c for c in contexts[j : j + 8] for _ in range(n)]
+        replies = sample.generate_ids(model, ids, sample.Options(max_new_tokens=opts.sample_tokens, seed=opts.seed + j), ends)
+        for k in range(0, len(ids), n):
+            rows.append([(ids[k], r.ids) for r in replies[k : k + n]])
+            V.append(vader([sample.reply_text(tok, ids[k], r.ids) for r in replies[k : k + n]]).to(model.embed_tokens.weight.device))
+    with torch.no_grad(), cpu_bf16(model.embed_tokens.weight.device):
+        lp0 = [reply_logprobs(model, r) for r in rows]
+
+    delta = torch.zeros(model.cfg.dim, device=model.embed_tokens.weight.device, requires_grad=True)
+    adam = torch.optim.Adam([delta], lr=opts.lr)
+    hooks = {site: lambda x: x + delta}
+    rng = random.Random(opts.seed)
+    order, gains = [], []
+    for _ in cli.progress(range(opts.learn_steps), desc="learn", unit="step"):
+        if len(order) < LEARN_BATCH:
+            order += rng.sample(range(len(rows)), len(rows))  # passes over the contexts, each shuffled
+        batch, order = order[:LEARN_BATCH], order[LEARN_BATCH:]
+        adam.zero_grad()
+        with torch.enable_grad(), cpu_bf16(model.embed_tokens.weight.device):
+            gain = sum(importance_gain(reply_logprobs(model, rows[c], hooks), lp0[c], V[c]) for c in batch) / len(batch)
+            (-gain).backward()
+        adam.step()
+        gains.append(gain.item())
+
+    g = nll_gradient(model, tok, gradient_messages, site)
+    fitted = delta.detach()
+    push = fitted - (fitted @ g) / (g @ g) * g  # no first-order cost on the person's messages
+    unit = push / push.norm()
+    ref = held_out_nll(model, tok, cost)
+    rise_of = lambda x: held_out_nll(model, tok, cost, {site: add(x.r * unit)}) - ref
+    strength, rise, tried = to_the_bound(Strength(push.norm().item()), rise_of, opts.max_nll_rise, measures=6)
+    if rise > opts.max_nll_rise:
+        raise BadInput(f"the learned push at {site} could not be scaled under --max-nll-rise {opts.max_nll_rise} "
+                       f"(it measured {rise:+.4f} nats/token at norm {strength.r:.3g}); try another --layer")
+    path = Path("out/steer") / f"{opts.name or data['concept'] + '_learned'}.safetensors"
+    cosine = F.cosine_similarity(fitted, g, dim=0).item()
+    save_vector(path, strength.r * unit, torch.zeros_like(unit), {
+        "kind": "learned", "concept": data["concept"], "model": tuned.base_model, "adapter": tuned.adapter,
+        "extract_layer": S, "steer_layer": S, "alpha_pos": 1.0, "alpha_neg": 0.0, "nll_rise": rise,
+        "contexts": len(rows), "replies_per_context": n, "steps": opts.learn_steps, "lr": opts.lr,
+        "fitted_norm": fitted.norm().item(), "cosine_with_nll_gradient": cosine, "max_nll_rise": opts.max_nll_rise})
+    return {"site": site, "path": path, "contexts": len(rows), "replies": n, "first_gains": gains[:3], "last_gains": gains[-3:],
+            "fitted_norm": fitted.norm().item(), "cosine_with_nll_gradient": cosine, "norm": strength.r, "nll_rise": rise,
+            "tried": tried, "seconds": time.time() - t0}
+
+
+LEARN_BATCH = 4  # contexts a step (each with its --learn-replies replies)
+
+
 def main():
     command, argv = cli.command(sys.argv[1:], COMMANDS, "steer.py")
     opts = parse_options(Options, argv=argv)
@@ -1031,6 +1177,14 @@ def main():
         print(eval_markdown(r))
         print_samples(r["sample_prompts"], {k: v[:2] for k, v in r["samples"].items()})
         print(f"\nwrote {out / f'eval_{stem}.json'} and eval_{stem}.png in {r['settings']['seconds'] / 60:.1f} min")
+    elif command == "learn":
+        r = learn(opts)
+        print(f"learned a push at {r['site']} from {r['contexts']} training contexts x {r['replies']} replies: the estimated "
+              f"VADER gain per step went {', '.join(f'{x:+.3f}' for x in r['first_gains'])} ... "
+              f"{', '.join(f'{x:+.3f}' for x in r['last_gains'])} (on the replies it learns from); fitted norm "
+              f"{r['fitted_norm']:.3g}, cosine with the person's NLL gradient {r['cosine_with_nll_gradient']:+.2f} (projected out)")
+        print(f"scaled to norm {r['norm']:.3g}: NLL rise {r['nll_rise']:+.4f} nats/token on the cost messages")
+        print(f"wrote {r['path']} in {r['seconds'] / 60:.1f} min; judge it with python steer.py eval --name {r['path'].stem}")
     else:
         r = probe(opts)
         ratio = "-" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"

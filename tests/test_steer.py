@@ -430,3 +430,59 @@ def test_the_ideal_tilts_interval_resamples_prompts_and_messages():
     (low, high), = steer.tilt_gain_intervals(t, [cost], 300, 0)
     assert low < t["vader_change"][50] < high and high - low > 0.01
 
+
+
+def test_the_importance_gain_is_zero_unpushed_and_its_gradient_there_is_the_policy_gradient():
+    """importance_gain by hand: weights 2/3, 1/3 on V = (1, 0) give 2/3 - 1/2; at lp = lp0 it is 0 and its
+    gradient in each reply's log-prob is (V_i - mean V) / n, the policy gradient with the mean as baseline."""
+    V = torch.tensor([1.0, 0.0])
+    assert steer.importance_gain(torch.tensor([math.log(2), 0.0]), torch.zeros(2), V).item() == pytest.approx(1 / 6)
+    V = torch.tensor([0.5, -0.2, 0.9, 0.0])
+    lp0 = torch.tensor([-3.0, -7.0, -1.5, -4.0])
+    lp = lp0.clone().requires_grad_(True)
+    gain = steer.importance_gain(lp, lp0, V)
+    gain.backward()
+    assert gain.item() == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(lp.grad, (V - V.mean()) / 4)
+
+
+def test_reply_logprobs_sum_what_cached_decoding_gives_each_reply_token(tiny):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, tiny.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 7)]
+    replies = [torch.randint(0, tiny.cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 2)]
+    hooks = {"resid.1": steer.add(torch.randn(tiny.cfg.dim, generator=g))}
+    got = steer.reply_logprobs(tiny, list(zip(prompts, replies)), hooks)
+    per_token = steer.continuation_logprobs(tiny, prompts, replies, hooks=hooks)  # (6,): the KV cache's path
+    torch.testing.assert_close(got, torch.stack([per_token[:4].sum(), per_token[4:].sum()]), atol=1e-4, rtol=1e-5)
+
+
+def test_the_nll_gradient_matches_a_finite_difference_and_a_strength_scales_to_the_bound(tiny_adapter):
+    import sft
+    tuned = sft.load_tuned(str(tiny_adapter), "", False)
+    model, tok = tuned.model, tuned.tok
+    opts = steer.Options(pairs=str(PAIRS), adapter=str(tiny_adapter))
+    examples = steer.spread(steer.replier_examples(tuned, "[FRIEND]", False, opts), 6)
+    g = steer.nll_gradient(model, tok, examples, "resid.1")
+    u = torch.randn(model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    eps = 0.1  # the tiny model's stream has a norm of ~4,000 at resid.1: a push of 0.1 is in the linear range
+    for d in (g / g.norm(), u / u.norm()):  # along the gradient the slope is its norm; across, its share
+        nll = lambda x: steer.held_out_nll(model, tok, examples, {"resid.1": steer.add(x * d)})
+        assert (nll(eps) - nll(-eps)) / (2 * eps) == pytest.approx((g @ d).item(), rel=2e-2, abs=0.05 * g.norm().item())
+    s, rise, tried = steer.to_the_bound(steer.Strength(1.0), lambda x: 0.5 * x.r ** 2, 0.03, measures=6)
+    assert steer.AIM ** 2 * 0.03 <= rise <= 0.03 and rise == pytest.approx(0.5 * s.r ** 2) and len(tried) <= 6
+
+
+def test_learn_saves_a_push_that_eval_and_sample_read(tiny_chat_dir, tiny_adapter, tmp_path, monkeypatch):
+    """End to end on the tiny model: a push at the chosen site, scaled to (at most) the cost bound on the
+    search's cost messages, in the vector format: v_neg zero, alphas 1 and 0, read back by sample.py."""
+    monkeypatch.chdir(tmp_path)
+    opts = steer.Options(pairs=str(PAIRS), adapter=str(tiny_adapter), layer=1, learn_contexts=3, learn_replies=3,
+                         learn_steps=3, sample_tokens=4, cost_messages=6, max_nll_rise=0.05, lr=1.0)
+    r = steer.learn(opts)
+    assert r["site"] == "resid.1" and r["contexts"] == 3 and r["nll_rise"] <= 0.05
+    v_pos, v_neg, meta = sample.read_steering(r["path"])
+    assert r["path"] == steer.Path("out/steer/happy_learned.safetensors")
+    assert meta["steer_layer"] == 1 and meta["alpha_pos"] == 1.0 and meta["alpha_neg"] == 0.0 and meta["kind"] == "learned"
+    assert not v_neg.any() and v_pos.norm().item() == pytest.approx(r["norm"], rel=1e-5)
+    with pytest.raises(BadInput, match="--layer"):
+        steer.learn(steer.Options(pairs=str(PAIRS), adapter=str(tiny_adapter), layer=99))
