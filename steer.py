@@ -1072,7 +1072,12 @@ def nll_gradient(model, tok, examples, site: str):
     return d.grad
 
 
+LEARN_BATCH = 4  # contexts a step (each with its --learn-replies replies)
+
+
 def learn(opts: Options) -> dict:
+    """Fit, project and scale a push (see above), save it to out/steer/NAME.safetensors (default
+    CONCEPT_learned), and return what was measured on the way."""
     t0 = time.time()
     data = read_pairs(opts.pairs)
     selection, _ = split_prompts(data["prompts"], opts.seed)
@@ -1095,7 +1100,7 @@ def learn(opts: Options) -> dict:
 
     # The unsteered replies, their VADER, and their log-probs without the push.
     n, ends = opts.learn_replies, sample.turn_ends(tok)
-    rows, V, lp0 = [], [], []
+    rows, V = [], []  # per context: [(prompt ids, reply ids)] and the replies' VADER (n,)
     for j in cli.progress(range(0, len(contexts), 8), desc="replies", unit="batch"):
         ids = [c for c in contexts[j : j + 8] for _ in range(n)]
         replies = sample.generate_ids(model, ids, sample.Options(max_new_tokens=opts.sample_tokens, seed=opts.seed + j), ends)
@@ -1141,9 +1146,6 @@ def learn(opts: Options) -> dict:
     return {"site": site, "path": path, "contexts": len(rows), "replies": n, "first_gains": gains[:3], "last_gains": gains[-3:],
             "fitted_norm": fitted.norm().item(), "cosine_with_nll_gradient": cosine, "norm": strength.r, "nll_rise": rise,
             "tried": tried, "seconds": time.time() - t0}
-
-
-LEARN_BATCH = 4  # contexts a step (each with its --learn-replies replies)
 
 
 def main():
