@@ -446,14 +446,26 @@ def test_the_importance_gain_is_zero_unpushed_and_its_gradient_there_is_the_poli
     torch.testing.assert_close(lp.grad, (V - V.mean()) / 4)
 
 
-def test_reply_logprobs_sum_what_cached_decoding_gives_each_reply_token(tiny):
+def test_reply_logprobs_and_their_gradient_equal_one_forward_over_prompt_and_reply(tiny):
+    """The shared-prefill path (each distinct prompt once, its KV cache copied to its replies' rows) gives
+    each reply's summed log-prob and the gradient in the push what a plain forward over prompt + reply gives."""
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, tiny.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 7)]
-    replies = [torch.randint(0, tiny.cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 2)]
-    hooks = {"resid.1": steer.add(torch.randn(tiny.cfg.dim, generator=g))}
-    got = steer.reply_logprobs(tiny, list(zip(prompts, replies)), hooks)
-    per_token = steer.continuation_logprobs(tiny, prompts, replies, hooks=hooks)  # (6,): the KV cache's path
-    torch.testing.assert_close(got, torch.stack([per_token[:4].sum(), per_token[4:].sum()]), atol=1e-4, rtol=1e-5)
+    prompts = [torch.randint(0, tiny.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 7, 7, 3)]
+    prompts[2] = prompts[1]  # two replies after one prompt share its prefill
+    replies = [torch.randint(0, tiny.cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 2, 5, 1)]
+    w = torch.randn(4, generator=g)
+    push = torch.randn(tiny.cfg.dim, generator=g)
+    got, want = [], []
+    for fn, out in ((lambda h: steer.reply_logprobs(tiny, list(zip(prompts, replies)), h), got),
+                    (lambda h: torch.stack([steer.scored_logprobs(tiny, torch.tensor([p + r]), torch.tensor(
+                        [[False] * len(p) + [True] * len(r)]), hooks=h).sum() for p, r in zip(prompts, replies)]), want)):
+        d = push.clone().requires_grad_(True)
+        with torch.enable_grad():
+            lp = fn({"resid.1": lambda x: x + d})
+            (lp * w).sum().backward()
+        out += [lp.detach(), d.grad]
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
 
 
 def test_the_nll_gradient_matches_a_finite_difference_and_a_strength_scales_to_the_bound(tiny_adapter):
