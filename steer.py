@@ -1039,7 +1039,10 @@ def probe(opts: Options) -> dict:
 # two passes over 128 contexts). The push's 576 numbers (SmolLM2's width) are fitted to a few thousand
 # replies, and more contexts helped (shipped data, each push scaled to the bound, on the search's
 # selection prompts and 32 other training contexts, 8 replies each): 64 contexts +0.141, 128 +0.203
-# (the difference's standard error 0.026), 256 +0.190, in 6.7, 10.3 and 19.6 min. Then the
+# (the difference's standard error 0.026), 256 +0.190, in 6.7, 10.3 and 19.6 min. The site, two thirds
+# of the depth, was a first pick that held: fitted at resid.10, 15 and 25 instead, +0.167, +0.140 and
+# +0.166 on the same prompts, against +0.168 and +0.203 for two runs of the resid.20 fit (at cosine 0.999
+# with each other: sampled replies drift apart with the push, so scores move by ~0.03). Then the
 # first-order gradient of the person's NLL is projected out of the push: a fit that also minimised that
 # NLL (shipped data) bought its budget by fitting the friend better, cosine -0.64 with the gradient and a
 # first-order cost of -0.027, which is not happiness. Last, it is scaled to just under --max-nll-rise on
