@@ -647,27 +647,43 @@ def with_line(prompt: str, line: str) -> str:
 def held_out_nll(model, tok, examples, hooks=None, line="") -> float:
     """Mean NLL per token of the real replies of examples (their target tokens after their context;
     held-out ones in eval, training ones for the search's bound), steered by hooks or with line just
-    before the replier's tag. Every condition encodes the
-    prompt the same way (the reply's tokens kept as the example has them), so only the condition differs."""
-    nll, count = 0.0, 0
-    for tokens, scored in message_batches(model, tok, examples, line):
-        lp = scored_logprobs(model, tokens, scored, hooks=hooks)
-        nll, count = nll - lp.sum().item(), count + len(lp)
-    return nll / count
+    before the replier's tag."""
+    return per_token(message_nlls(model, tok, examples, hooks, line))
+
+
+def per_token(scores: ev.Scores) -> float:
+    """The messages' summed NLL over their summed tokens."""
+    nll, tokens = np.array(list(scores.nll.values())).sum(0)
+    return float(nll / tokens)
+
+
+@torch.inference_mode()
+def message_nlls(model, tok, examples, hooks=None, line="") -> ev.Scores:
+    """Each example's real reply scored: Scores.nll[k] = (its summed NLL, its tokens) for examples[k], so
+    that two conditions pair message by message (eval.contrast). Every condition encodes the prompt the
+    same way (the reply's tokens kept as the example has them), so only the condition differs."""
+    scores = ev.Scores()
+    for batch, scored, rows in message_batches(model, tok, examples, line):
+        lp = scored_logprobs(model, batch, scored, hooks=hooks)  # (N,), row by row
+        for k, part in zip(rows, lp.split(scored[:, 1:].sum(1).tolist())):  # the tokens after the first are scored
+            scores.nll[k] = (-part.sum().item(), len(part))
+    return scores
 
 
 def message_batches(model, tok, examples, line="", size=16) -> list:
     """The examples' real replies after their contexts (line just before the replier's tag, if given), as
-    batches (tokens (B, T), scored (B, T) bool) of similar lengths: less padding to compute."""
+    batches (tokens (B, T), scored (B, T) bool, each row's index in examples) of similar lengths: less
+    padding to compute."""
     device = model.embed_tokens.weight.device
     rows = []
-    for e in examples:
+    for k, e in enumerate(examples):
         prompt = tok.encode(with_line(e.text[: e.cut], line) if line else e.text[: e.cut])
         reply = e.tokens[e.loss_mask.index(True) :]
-        rows.append((prompt + reply, [False] * len(prompt) + [True] * len(reply)))
+        rows.append((prompt + reply, [False] * len(prompt) + [True] * len(reply), k))
     rows.sort(key=lambda r: len(r[0]))
-    return [(pad([r for r, _ in rows[j : j + size]], device=device)[0],
-             pad([m for _, m in rows[j : j + size]], device=device)[0].bool()) for j in range(0, len(rows), size)]
+    return [(pad([r for r, _, _ in rows[j : j + size]], device=device)[0],
+             pad([m for _, m, _ in rows[j : j + size]], device=device)[0].bool(),
+             [k for _, _, k in rows[j : j + size]]) for j in range(0, len(rows), size)]
 
 
 # The reference: the ideal tilt. However replies are made happier, the cheapest way to raise their mean
@@ -814,11 +830,13 @@ def evaluate(opts: Options) -> dict:
         replies = sample.generate(model, tok, asked, sampling(opts), hooks=c["hooks"])  # the same seed everywhere
         compound = vader(replies).view(len(prompts), opts.replies)  # (P, n)
         judged = judge_scores(model, tok, replies).view(len(prompts), opts.replies)
+        positive = (compound >= POSITIVE_AT).float()  # (P, n)
         words = [len(r.split()) for r in replies]
+        messages = message_nlls(model, tok, held_out, c["hooks"], c["line"])
         rows.append({"condition": c["condition"], "alpha": c["alpha"], "push_norm": c["push_norm"],
                      "vader_per_prompt": compound.mean(1).tolist(), "judge_per_prompt": judged.mean(1).tolist(),
-                     "positive_share": (compound >= POSITIVE_AT).float().mean().item(),
-                     "held_out_nll": held_out_nll(model, tok, held_out, c["hooks"], c["line"]),
+                     "positive_per_prompt": positive.mean(1).tolist(), "positive_share": positive.mean().item(),
+                     "held_out_nll": per_token(messages), "message_nll": [messages.nll[k] for k in range(len(held_out))],
                      "ppl": perplexity(model, tok, repeated, replies), "distinct_2": ev.distinct(replies, 2),
                      "empty": sum(not r.strip() for r in replies) / len(replies), "words": sum(words) / len(words)})
         replies_of[c["condition"], c["alpha"]] = replies
@@ -831,7 +849,8 @@ def evaluate(opts: Options) -> dict:
 
 
 def summarise(rows, replies_of, prompts, agreement, opts, tilt, settings) -> dict:
-    """Per row: means with bootstrap intervals over prompts, paired differences from unsteered, and for
+    """Per row: means with bootstrap intervals over prompts, paired differences from unsteered (the
+    cost's interval over the held-out messages, paired likewise), and for
     the vector and random rows the share of prompts whose score rises with alpha; for each vector row
     that raises VADER at a cost, what the ideal tilt (if measured) gains at that cost and pays for that gain."""
     base = next(r for r in rows if r["condition"] == "unsteered")
@@ -840,8 +859,15 @@ def summarise(rows, replies_of, prompts, agreement, opts, tilt, settings) -> dic
         v = np.array(r["vader_per_prompt"])
         r["vader"] = ev.mean_with_interval(v, opts.bootstrap, opts.seed)
         r["vader_change"] = ev.mean_with_interval(v - v0, opts.bootstrap, opts.seed)  # paired, prompt by prompt
+        r["positive_change"] = ev.mean_with_interval(np.array(r["positive_per_prompt"]) - base["positive_per_prompt"],
+                                                     opts.bootstrap, opts.seed)
         r["judge"] = float(np.mean(r["judge_per_prompt"]))
         r["nll_change"] = r["held_out_nll"] - base["held_out_nll"]
+        # The cost's interval resamples the held-out messages, paired (one draw of 64 messages of the
+        # same push read +0.016 where 256 others read +0.021).
+        scores = [ev.Scores(nll=dict(enumerate(map(tuple, x["message_nll"])))) for x in (r, base)]
+        c = ev.contrast(*scores, "token", opts.bootstrap, opts.seed)
+        r["nll_change_interval"] = [c["low"], c["high"]]
     read = [r for r in rows if tilt and r["condition"] == "vector" and r["vader_change"]["mean"] > 0 and r["nll_change"] > 0]
     intervals = tilt_gain_intervals(tilt, [r["nll_change"] for r in read], opts.bootstrap, opts.seed) if read else []
     for r, interval in zip(read, intervals):
@@ -884,13 +910,16 @@ def eval_markdown(r: dict) -> str:
            f"same seeds in every condition; cost on {s['held_out_messages']} real held-out messages of {s['speaker']}. "
            "Judges' Spearman with the rated messages: " + ", ".join(f"{k} {v:.2f}" for k, v in r["agreement"].items())
            + (f" ({', '.join(unreliable)}: below 0.6, unreliable)" if unreliable else "") + ".", "",
-           "| condition | alpha | VADER | change [95%] | positive | judge | held-out NLL change | ppl | distinct-2 | empty | words |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| condition | alpha | VADER | change [95%] | positive | its change [95%] | judge | held-out NLL change [95%] "
+           "| ppl | distinct-2 | empty | words |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for x in sorted(r["rows"], key=lambda x: (x["condition"] != "unsteered", x["condition"], x["alpha"])):
-        ch = x["vader_change"]
+        ch, pos, (low, high) = x["vader_change"], x["positive_change"], x["nll_change_interval"]
         out.append(f"| {x['condition']} | {x['alpha']:+g} | {x['vader']['mean']:.3f} | {ch['mean']:+.3f} "
-                   f"[{ch['interval'][0]:+.3f}, {ch['interval'][1]:+.3f}] | {x['positive_share']:.2f} | {x['judge']:+.2f} | "
-                   f"{x['nll_change']:+.4f} | {x['ppl']:.1f} | {x['distinct_2']:.2f} | {x['empty']:.2f} | {x['words']:.1f} |")
+                   f"[{ch['interval'][0]:+.3f}, {ch['interval'][1]:+.3f}] | {x['positive_share']:.2f} | "
+                   f"{pos['mean']:+.2f} [{pos['interval'][0]:+.2f}, {pos['interval'][1]:+.2f}] | {x['judge']:+.2f} | "
+                   f"{x['nll_change']:+.4f} [{low:+.4f}, {high:+.4f}] | {x['ppl']:.1f} | {x['distinct_2']:.2f} | "
+                   f"{x['empty']:.2f} | {x['words']:.1f} |")
     st = r["steerable"]
     out += ["", f"Prompts whose VADER score rises with alpha: vector {st['vector']['steerable']:.0%} "
             f"(falls: {st['vector']['anti_steerable']:.0%}), random {st['random']['steerable']:.0%}.",
@@ -912,7 +941,7 @@ def eval_markdown(r: dict) -> str:
 
 def plot_eval(r: dict, path: Path):
     """Concept (VADER) against cost (held-out NLL rise), one curve per condition over its alphas, with
-    the intervals over prompts."""
+    the intervals over prompts (VADER) and over held-out messages (the cost)."""
     plt = cli.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = next(x for x in r["rows"] if x["condition"] == "unsteered")
@@ -920,7 +949,8 @@ def plot_eval(r: dict, path: Path):
         line = sorted([base] + [x for x in r["rows"] if x["condition"] == name], key=lambda x: x["alpha"])
         xs, ys = [x["nll_change"] for x in line], [x["vader"]["mean"] for x in line]
         err = [[y - x["vader"]["interval"][0] for x, y in zip(line, ys)], [x["vader"]["interval"][1] - y for x, y in zip(line, ys)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, c=f"C{k}", label=name)
+        xerr = [[c - x["nll_change_interval"][0] for x, c in zip(line, xs)], [x["nll_change_interval"][1] - c for x, c in zip(line, xs)]]
+        ax.errorbar(xs, ys, yerr=err, xerr=xerr, marker="o", capsize=3, c=f"C{k}", label=name)
         for x, y, row in zip(xs, ys, line):
             ax.annotate(f"{row['alpha']:+g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{k}")
     tilt = r.get("tilt")
@@ -1078,9 +1108,9 @@ def nll_gradient(model, tok, examples, site: str):
     """d(mean NLL per token of the examples' real replies) / d(a push added at site), at no push: (D,)."""
     d = torch.zeros(model.cfg.dim, device=model.embed_tokens.weight.device, requires_grad=True)
     batches = message_batches(model, tok, examples)
-    count = sum(int(scored[:, 1:].sum()) for _, scored in batches)
+    count = sum(int(scored[:, 1:].sum()) for _, scored, _ in batches)
     with torch.enable_grad():
-        for tokens, scored in batches:
+        for tokens, scored, _ in batches:
             (-scored_logprobs(model, tokens, scored, hooks={site: lambda x: x + d}).sum() / count).backward()
     return d.grad
 

@@ -331,6 +331,33 @@ def test_the_searchs_cost_messages_come_from_training_sessions_and_evals_from_he
     assert not {e.text for e in train} & {e.text for e in held_out}
 
 
+def test_each_messages_nll_is_its_own_and_the_cost_interval_pairs_them(tiny_adapter):
+    """message_nlls batches messages sorted by length; each example still gets its own reply's summed NLL
+    (as scored alone), held_out_nll is their per-token mean, and eval's cost interval (eval.contrast over
+    the messages, paired) is zero for a condition against itself and brackets a push's change."""
+    import eval as ev
+    import sft
+
+    tuned = sft.load_tuned(str(tiny_adapter), "", False)
+    model, tok = tuned.model, tuned.tok
+    examples = steer.spread(steer.replier_examples(tuned, "[FRIEND]", True, steer.Options(pairs=str(PAIRS))), 20)
+    assert len({len(e.tokens) for e in examples}) > 1  # lengths differ, so the batches reorder them
+    scores = steer.message_nlls(model, tok, examples)
+    for k in (0, len(examples) // 2, len(examples) - 1):
+        alone = steer.message_nlls(model, tok, [examples[k]]).nll[0]
+        assert scores.nll[k][1] == alone[1] == len(examples[k].tokens) - examples[k].loss_mask.index(True)
+        assert scores.nll[k][0] == pytest.approx(alone[0], rel=1e-4)
+    nll, tokens = (sum(v[j] for v in scores.nll.values()) for j in (0, 1))
+    assert steer.held_out_nll(model, tok, examples) == pytest.approx(nll / tokens, rel=1e-6)
+    same = ev.contrast(scores, scores, "token", 200, 0)
+    assert same["difference"] == same["low"] == same["high"] == 0
+    push = torch.randn(model.cfg.dim, generator=torch.Generator().manual_seed(0))
+    pushed = steer.message_nlls(model, tok, examples, {"resid.1": steer.add(200 * push / push.norm())})
+    c = ev.contrast(pushed, scores, "token", 200, 0)
+    assert c["low"] < c["difference"] < c["high"] and c["difference"] == pytest.approx(
+        steer.per_token(pushed) - steer.per_token(scores), abs=1e-9)
+
+
 def test_the_random_control_has_the_vectors_norm_and_site_and_the_prompt_changes_only_the_prompt(happy):
     data, v_pos, v_neg, unit = happy
     meta = {"alpha_pos": 0.3 * unit, "alpha_neg": 0.2 * unit, "steer_layer": LAYER}
@@ -381,6 +408,11 @@ def test_eval_runs_end_to_end_on_a_vector_and_writes_its_table(tiny_chat_dir, ti
         assert len(x["vader_per_prompt"]) == 11 and x["vader"]["interval"][0] <= x["vader"]["mean"] <= x["vader"]["interval"][1]
     unsteered = next(x for x in r["rows"] if x["condition"] == "unsteered")
     assert unsteered["nll_change"] == 0 and unsteered["vader_change"]["mean"] == 0
+    assert unsteered["nll_change_interval"] == [0, 0] and unsteered["positive_change"]["interval"] == [0, 0]
+    for x in r["rows"]:
+        low, high = x["nll_change_interval"]
+        assert len(x["message_nll"]) == 8 and low - 1e-12 <= x["nll_change"] <= high + 1e-12
+        assert x["positive_change"]["mean"] == pytest.approx(x["positive_share"] - unsteered["positive_share"])
     table = steer.eval_markdown(r)
     assert "| vector | +1 |" in table and "Verdict:" in table
     steer.plot_eval(r, tmp_path / "plot.png")
