@@ -187,7 +187,7 @@ def save(entries: list[Entry], path) -> None:
 def load(path) -> list[Entry]:
     path = Path(path)
     if not path.exists():
-        raise BadInput(f"--memory {path}: no memory there; build one with `python memory.py build`")
+        raise BadInput(f"{path}: no memory there; build one with `python memory.py build`")
     entries = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -196,7 +196,7 @@ def load(path) -> list[Entry]:
             entries.append(Entry(**json.loads(line)))
             datetime.fromisoformat(entries[-1].time)
         except (json.JSONDecodeError, TypeError, ValueError):
-            raise BadInput(f"--memory {path}:{n}: not a memory entry memory.py wrote") from None
+            raise BadInput(f"{path}:{n}: not a memory entry memory.py wrote") from None
     return entries
 
 

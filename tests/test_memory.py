@@ -174,7 +174,7 @@ def test_cli_builds_next_to_the_adapter_and_shows_it(tiny_adapter, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{\"speaker\": 1}\n")
     out = script("memory.py", "show", "--memory", str(bad))
-    assert out.returncode == 2 and out.stderr.startswith("error: --memory") and len(out.stderr.splitlines()) == 1
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {bad}:1:") and len(out.stderr.splitlines()) == 1
 
 
 def test_sample_reads_the_memory_before_the_context_and_writes_simulated_lines_back(small_chat, tmp_path):
