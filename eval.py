@@ -24,7 +24,8 @@ turn: exactly the tokens sft.py trains on) under
     (h) the fine-tuned model, short context plus memory.py's memory of the training sessions (what
         each person said about themselves), recalled for the context, --memory-tokens of it; also on
         the messages that reuse a rare word the same person wrote before (with the share of their NLL
-        those words carry: the room a memory has there), and a consistency test: remembered facts
+        those words carry, and what an oracle's lines save there: the training messages holding the
+        word, chosen by reading the message; the room a memory has), and a consistency test: remembered facts
         asked for in fresh seeded sessions, with and without the memory
     (i) (h) read by context-aware decoding (--memory-contrast, sample.py's): the logits with the
         memory pushed away from those with its lines' form (tag and date) only; what that costs the
@@ -370,6 +371,31 @@ def rare_reuse(train_sessions, held_out, tags, speaker_tag, max_messages=5) -> s
     rare = rare_words(train_sessions, tags, speaker_tag, max_messages)
     return {(s, i) for s, session in enumerate(held_out) for i, m in enumerate(session)
             if tags[m.speaker] == speaker_tag and rare & set(words(one_line(m.text)))}
+
+
+def oracle_retriever(tok, train_sessions, held_out, tags, rare: set, budget: int):
+    """retrieve(s, context) -> a reference, not a method: it reads the held-out message that follows
+    context, and returns the training-session messages (either person's) that hold a rare word this
+    message reuses, the newest that fit in budget tokens, in time order. So every rare-word message
+    gets the earlier uses of its word, chosen by the answer; recall from the context finds the word for
+    few. What these lines save on the rare-word messages is the reference for what the training
+    sessions can supply there."""
+    theirs = [(m, set(words(one_line(m.text)))) for session in train_sessions for m in session]
+
+    def retrieve(s, context):
+        if not context:
+            return []  # as memory_retriever: nothing before a session's first message
+        after = held_out[s][next(j for j, m in enumerate(held_out[s]) if m is context[-1]) + 1]
+        wanted = rare & set(words(one_line(after.text)))
+        chosen, used = [], 0
+        for m in sorted((m for m, ws in theirs if wanted & ws), key=lambda m: m.time, reverse=True):
+            cost = len(tok.encode(f"{tags[m.speaker]} {one_line(m.text)}\n", start=False))
+            if used + cost <= budget:
+                chosen.append(m)
+                used += cost
+        return sorted(chosen, key=lambda m: m.time)
+
+    return retrieve
 
 
 @torch.inference_mode()
@@ -1143,8 +1169,13 @@ def evaluate(opts: Options) -> dict:
             for s, i in rare_keys)
         share = timed("rare-word share", lambda: word_share(model, tok, held_out, tags, rare_keys, rare_set,
                                                             data.context_messages, data.max_len))
+        oracle = timed("oracle", lambda: short("oracle lines", opts.memory_tokens, retrieve=oracle_retriever(
+            tok, train_sessions, held_out, tags, rare_set, opts.memory_tokens)))
         memory = {"entries": len(entries), "rare_word_messages": len(named["h_rare"].nll),
                   "rare_word_nll_share": share, "rare_word_in_recalled_memory": holds,
+                  "c_rare_nll": nats_per_token(named["c_rare"]),
+                  "oracle_rare": contrast(restricted(oracle, rare_keys), named["c_rare"], "token", opts.bootstrap,
+                                          opts.seed) if rare_keys else None,
                   "consistency": timed("consistency", lambda: consistency(model, tok, entries, tags,
                                                                           opts.consistency_seeds, opts.seed,
                                                                           opts.memory_contrast))}
@@ -1226,7 +1257,10 @@ def markdown(r: dict) -> str:
         out += ["", f"Room on the {k['rare_word_messages']} rare-word messages: their rare words' tokens carry "
                     f"{k['rare_word_nll_share']:.1%} of (c)'s NLL on them (what making those tokens certain would save), "
                     f"and the memory recalled for their context holds the rare word for {k['rare_word_in_recalled_memory']} "
-                    "of them."]
+                    "of them. A reference that reads each message and puts the training messages holding its rare word "
+                    f"({s['memory_tokens']} tokens) before its context changes (c)'s NLL there by {cell(k['oracle_rare'])} "
+                    f"nats/token ({k['oracle_rare']['difference'] / k['c_rare_nll']:+.1%} of (c)'s {k['c_rare_nll']:.4f} there): "
+                    "the reference for what the training sessions can supply."]
     if r.get("memory") and r["memory"]["consistency"].get("facts"):
         k = r["memory"]["consistency"]
         out += ["", f"| consistency: {k['facts']} remembered facts asked in {k['seeds']} fresh sessions each | agrees "

@@ -397,7 +397,8 @@ def test_memory_row_h_scores_the_same_messages_and_splits_out_the_rare_word_ones
     assert r["contrasts"]["h_rest vs c_rest"]["nats_per_token"]["messages"] == 8 - n_rare
     assert "memory tokens" in ev.markdown(r) and "on the other messages" in ev.markdown(r)
     assert 0 <= r["memory"]["rare_word_nll_share"] <= 1 and 0 <= r["memory"]["rare_word_in_recalled_memory"] <= n_rare
-    assert ("Room on the" in ev.markdown(r)) == (n_rare > 0)
+    assert ("Room on the" in ev.markdown(r)) == (n_rare > 0) == ("A reference that reads" in ev.markdown(r))
+    assert n_rare == 0 or r["memory"]["oracle_rare"]["messages"] == n_rare
 
 
 def test_the_share_of_nll_on_chosen_words_by_hand(chat):
@@ -430,18 +431,39 @@ def test_the_share_of_nll_on_chosen_words_by_hand(chat):
     assert on_word > 0 and share({word}) == pytest.approx(on_word / total, rel=1e-4)
 
 
-def test_rare_word_reuse_by_hand():
+def busan_sessions():
+    """(train, held, tags): two training sessions and a held-out one, by hand, for the rare-word tests."""
     t = lambda day: datetime(2020, 1, day)
-    train = [[Message(t(1), "Riya", "we went to Busan last summer"), Message(t(1), "Friend", "busan is great")],
-             [Message(t(2), "Friend", "my cousin Tomasz is visiting"), Message(t(2), "Riya", "nice, summer plans")]]
+    train = [[Message(t(1), "Riya", "we went to Busan last summer"), Message(t(2), "Friend", "busan is great")],
+             [Message(t(3), "Friend", "my cousin Tomasz is visiting"), Message(t(4), "Riya", "nice, summer plans")]]
     held = [[Message(t(9), "Friend", "tomasz says hi"), Message(t(9), "Friend", "summer is coming"),
              Message(t(9), "Riya", "going back to busan"), Message(t(9), "Friend", "I love busan")]]
-    tags = {"Riya": "[RIYA]", "Friend": "[FRIEND]"}
+    return train, held, {"Riya": "[RIYA]", "Friend": "[FRIEND]"}
+
+
+def test_rare_word_reuse_by_hand():
+    train, held, tags = busan_sessions()
     # FRIEND wrote busan and tomasz before (each in at most 2 training messages); "summer" is in 2 as well,
     # but FRIEND never wrote it.
     assert ev.rare_reuse(train, held, tags, "[FRIEND]", max_messages=2) == {(0, 0), (0, 3)}
     assert ev.rare_reuse(train, held, tags, "[RIYA]", max_messages=2) == {(0, 2)}
     assert ev.rare_reuse(train, held, tags, "[FRIEND]", max_messages=1) == {(0, 0)}  # busan is in 2 messages
+
+
+def test_the_oracle_lines_are_the_training_messages_holding_the_next_messages_rare_word(chat):
+    """oracle_retriever reads the message after the context: the training messages (either person's) with
+    a rare word it reuses, the newest within the budget, in time order; never a held-out message."""
+    tok = chat[1]
+    train, held, tags = busan_sessions()
+    rare = ev.rare_words(train, tags, "[FRIEND]", max_messages=2)
+    assert rare == {"busan", "tomasz", "cousin", "great", "visiting"}
+    retrieve = ev.oracle_retriever(tok, train, held, tags, rare, 10_000)
+    assert retrieve(0, held[0][:3]) == [train[0][0], train[0][1]]  # "I love busan": both busan lines
+    assert retrieve(0, held[0][:1]) == []  # "summer is coming": no rare word (FRIEND never wrote summer)
+    assert retrieve(0, []) == []  # a session's first message: nothing before it, as for the memory
+    newest = train[0][1]  # "busan is great": only the newest fits in its own cost
+    budget = len(tok.encode(f"{tags[newest.speaker]} {newest.text}\n", start=False))
+    assert ev.oracle_retriever(tok, train, held, tags, rare, budget)(0, held[0][:3]) == [newest]
 
 
 def test_the_memory_retriever_gives_dated_lines_from_before_the_context_only(chat):
