@@ -1170,12 +1170,12 @@ def evaluate(opts: Options) -> dict:
         share = timed("rare-word share", lambda: word_share(model, tok, held_out, tags, rare_keys, rare_set,
                                                             data.context_messages, data.max_len))
         oracle = timed("oracle", lambda: short("oracle lines", opts.memory_tokens, retrieve=oracle_retriever(
-            tok, train_sessions, held_out, tags, rare_set, opts.memory_tokens)))
+            tok, train_sessions, held_out, tags, rare_set, opts.memory_tokens))) if rare_keys else None
         memory = {"entries": len(entries), "rare_word_messages": len(named["h_rare"].nll),
                   "rare_word_nll_share": share, "rare_word_in_recalled_memory": holds,
-                  "c_rare_nll": nats_per_token(named["c_rare"]),
-                  "oracle_rare": contrast(restricted(oracle, rare_keys), named["c_rare"], "token", opts.bootstrap,
-                                          opts.seed) if rare_keys else None,
+                  "c_rare_nll": nats_per_token(named["c_rare"]) if rare_keys else None,
+                  "oracle_rare": None if oracle is None else contrast(restricted(oracle, rare_keys), named["c_rare"],
+                                                                      "token", opts.bootstrap, opts.seed),
                   "consistency": timed("consistency", lambda: consistency(model, tok, entries, tags,
                                                                           opts.consistency_seeds, opts.seed,
                                                                           opts.memory_contrast))}

@@ -401,6 +401,16 @@ def test_memory_row_h_scores_the_same_messages_and_splits_out_the_rare_word_ones
     assert n_rare == 0 or r["memory"]["oracle_rare"]["messages"] == n_rare
 
 
+def test_no_rare_word_message_means_no_rare_word_rows_and_no_oracle(small_chat, tiny_adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "rare_reuse", lambda *a, **k: set())
+    r = ev.evaluate(ev.Options(data=str(small_chat), adapter=str(tiny_adapter), samples=0, turing_train=0, who_said=0,
+                               max_messages=8, retrieval_tokens=0, memory_tokens=64, long_context=128,
+                               context_messages=2, consistency_seeds=2, out=str(tmp_path / "e.json")))
+    k = r["memory"]
+    assert k["rare_word_messages"] == 0 and k["oracle_rare"] is None and k["c_rare_nll"] is None
+    assert "h_rare vs c_rare" not in r["contrasts"] and "Room on the" not in ev.markdown(r)
+
+
 def test_the_share_of_nll_on_chosen_words_by_hand(chat):
     """word_share: none chosen is 0; every word of the messages chosen is the share on the tokens that,
     decoded alone, spell a letter or digit (not a space, punctuation or the turn's newline)."""
